@@ -1,0 +1,309 @@
+"""The config file: one YAML document, typed by the dataclasses below, validated on load.
+
+Where it is read from, first match wins: ``$DISPATCH_CONFIG``, ``--config PATH``, then
+``$XDG_CONFIG_HOME/dispatch/config.yaml`` (``~/.config/dispatch/config.yaml``).
+Environment overrides, applied after the file: ``DISPATCH_GITEA_URL``, ``DISPATCH_STATE_DIR``,
+``DISPATCH_LLM_BASE_URL``, ``DISPATCH_LLM_MODEL``.
+Secrets are referenced (``token_file``, ``token_env``), never stored here and never printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GiteaConfig:
+    url: str = ""  # base URL of the forge; /api/v1 is appended by the client
+    token_file: str = ""  # path to a file holding the API token
+    token_env: str = ""  # or: name of an environment variable holding it
+    timeout: float = 30.0  # seconds to wait for a response (connect timeout is 5 s)
+    concurrency: int = 4  # parallel requests when paging through many repos
+    retries: int = 4  # attempts after the first on 429, 5xx and connection errors
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    base_url: str = "http://127.0.0.1:11434/v1"  # any OpenAI-compatible endpoint
+    model: str = "qwen3:14b"  # default model; also the strong tier unless strong_model is set
+    fast_model: str = ""  # the cheap tier for small issues; empty means use `model`
+    strong_model: str = ""  # the strong tier for large or risky issues; empty means `model`
+    api_key_env: str = ""  # env var holding the key; local servers need none
+    api_key_file: str = ""  # or a file holding it
+    timeout: float = 120.0  # seconds per model request
+    prices: dict[str, list[float]] = field(default_factory=dict)  # model -> [USD per 1M in, per 1M out]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str = ""
+    strengths: list[str] = field(default_factory=list)  # words matched against labels and text
+    max_concurrent: int = 1  # claimed issues this agent may hold at once
+    account: str = ""  # its forge login, when it has one (used to count its comments and claims)
+    kind: str = "direct"  # direct (the built-in runner), cli or gateway
+
+
+@dataclass(frozen=True)
+class TriageConfig:
+    claim_label: str = "dispatch:claimed"
+    blocked_labels: list[str] = field(default_factory=lambda: ["blocked"])
+    skip_labels: list[str] = field(default_factory=lambda: ["epic", "study"])
+    stale_days: float = 14.0  # untouched this long, an issue earns a staleness bonus
+
+
+@dataclass(frozen=True)
+class Config:
+    gitea: GiteaConfig = field(default_factory=GiteaConfig)
+    repos: list[str] = field(default_factory=list)  # owner/name
+    orgs: list[str] = field(default_factory=list)  # every repo of each org
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    agents: list[AgentConfig] = field(default_factory=list)
+    triage: TriageConfig = field(default_factory=TriageConfig)
+    state_dir: str = "~/.local/state/dispatch"
+    source: str = ""  # the file this was read from (set by the loader)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(os.path.expanduser(self.state_dir))
+
+    def gitea_token(self, env: Mapping[str, str] | None = None) -> str:
+        """Read the forge token from its file or env var; never logged, never stored here."""
+        return read_secret(
+            self.gitea.token_file, self.gitea.token_env, "gitea", self.source, env, required=True
+        )
+
+    def llm_api_key(self, env: Mapping[str, str] | None = None) -> str:
+        """The model key, or '' when none is configured (local servers need none)."""
+        return read_secret(
+            self.llm.api_key_file, self.llm.api_key_env, "llm", self.source, env, required=False,
+            file_key="api_key_file", env_key="api_key_env",
+        )
+
+
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "DISPATCH_GITEA_URL": ("gitea", "url"),
+    "DISPATCH_STATE_DIR": ("state_dir",),
+    "DISPATCH_LLM_BASE_URL": ("llm", "base_url"),
+    "DISPATCH_LLM_MODEL": ("llm", "model"),
+}
+
+
+def read_secret(
+    path: str,
+    env_name: str,
+    section: str,
+    source: str,
+    env: Mapping[str, str] | None,
+    *,
+    required: bool,
+    file_key: str = "token_file",
+    env_key: str = "token_env",
+) -> str:
+    env = os.environ if env is None else env
+    if path:
+        p = Path(os.path.expanduser(path))
+        try:
+            value = p.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(
+                f"{source or 'config'}: {section}.{file_key}: cannot read {p} ({e.strerror}); "
+                "expected a readable file holding the token"
+            ) from None
+        if not value:
+            raise ConfigError(f"{source or 'config'}: {section}.{file_key}: {p} is empty")
+        return value
+    if env_name:
+        value = env.get(env_name, "").strip()
+        if value or not required:
+            return value
+        raise ConfigError(
+            f"{source or 'config'}: {section}.{env_key}: environment variable {env_name} is not set"
+        )
+    if required:
+        raise ConfigError(
+            f"{source or 'config'}: {section}: set {file_key} (a file) or {env_key} (an env var name)"
+        )
+    return ""
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME", "~"), ".config")
+    return Path(os.path.expanduser(base)) / "dispatch" / "config.yaml"
+
+
+def config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("DISPATCH_CONFIG"):
+        return Path(os.path.expanduser(env["DISPATCH_CONFIG"]))
+    if cli_path:
+        return Path(os.path.expanduser(cli_path))
+    return default_config_path(env)
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, and validate; errors name the file and the key."""
+    env = os.environ if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no config file; run `dispatch init` to write a starter one, "
+            "or point DISPATCH_CONFIG / --config at yours"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    return config_from_dict(data, source=str(path), env=env)
+
+
+def config_from_dict(
+    data: Any, *, source: str = "config", env: Mapping[str, str] | None = None
+) -> Config:
+    env = os.environ if env is None else env
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top, got {_kind(data)}")
+    data = dict(data)
+    for var, (section, *key) in ENV_OVERRIDES.items():
+        if not env.get(var):
+            continue
+        if not key:
+            data[section] = env[var]
+        elif isinstance(data.get(section) or {}, dict):
+            data[section] = {**(data.get(section) or {}), key[0]: env[var]}
+    data.pop("source", None)
+    cfg = _build(Config, data, source, "")
+    cfg = dataclasses.replace(cfg, source=source)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    src = cfg.source
+    if not cfg.gitea.url:
+        raise ConfigError(f"{src}: gitea.url: missing; expected the forge's base URL, e.g. http://127.0.0.1:3000")
+    if not cfg.gitea.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{src}: gitea.url: expected an http:// or https:// URL, got {cfg.gitea.url!r}")
+    if "@" in cfg.gitea.url.split("//", 1)[1].split("/", 1)[0]:
+        raise ConfigError(f"{src}: gitea.url: credentials do not belong in the URL; use gitea.token_file")
+    for r in cfg.repos:
+        if r.count("/") != 1 or not all(r.split("/")):
+            raise ConfigError(f"{src}: repos: expected owner/name, got {r!r}")
+    names = [a.name for a in cfg.agents]
+    for i, a in enumerate(cfg.agents):
+        if not a.name:
+            raise ConfigError(f"{src}: agents[{i}].name: missing")
+        if a.max_concurrent < 0:
+            raise ConfigError(f"{src}: agents[{i}].max_concurrent: expected 0 or more")
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{src}: agents: duplicate name {sorted(dupes)[0]!r}")
+    for model, price in cfg.llm.prices.items():
+        if len(price) != 2:
+            raise ConfigError(f"{src}: llm.prices.{model}: expected [input, output] USD per 1M tokens")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false",
+            int: "a number", float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    """Build dataclass `cls` from YAML data, rejecting unknown keys and wrong types."""
+    where = prefix or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields - {"source"}))
+            raise ConfigError(f"{source}: {key_path}: unknown key; expected one of: {known}")
+        kwargs[key] = _coerce(hints[key], value, source, key_path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key_path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, key_path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key_path)
+    if origin is list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key_path}: expected a list, got {_kind(value)}")
+        return [_coerce(args[0], v, source, f"{key_path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key_path}: expected a mapping, got {_kind(value)}")
+        return {str(k): _coerce(args[1], v, source, f"{key_path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key_path}: expected true or false, got {_kind(value)}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {key_path}: expected a number, got {_kind(value)}")
+        if tp is int and not float(value).is_integer():
+            raise ConfigError(f"{source}: {key_path}: expected a whole number, got {value}")
+        return tp(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{source}: {key_path}: expected a string, got {_kind(value)}")
+        return str(value)
+    return value
+
+
+STARTER = """\
+# dispatch config. Every key is optional except gitea.url and a token reference.
+# Docs: README.md. Secrets are referenced here, never written here.
+gitea:
+  url: http://127.0.0.1:3000            # base URL; /api/v1 is appended
+  token_file: ~/.config/dispatch/gitea-token   # a file holding the token (chmod 600)
+  # token_env: GITEA_TOKEN              # or the name of an env var holding it
+  # timeout: 30                         # seconds per request
+  # concurrency: 4                      # parallel requests when paging
+repos: []                               # [owner/repo, ...]
+orgs: []                                # every repo of these orgs
+llm:
+  base_url: http://127.0.0.1:11434/v1   # any OpenAI-compatible endpoint
+  model: qwen3:14b
+  # fast_model: qwen3:8b                # cheap tier for small issues
+  # api_key_env: OPENAI_API_KEY         # local servers need no key
+agents:
+  - name: claude
+    strengths: [architecture, refactor, review]
+    max_concurrent: 2
+  - name: kimi
+    strengths: [implementation, tests, routine]
+state_dir: ~/.local/state/dispatch
+"""
