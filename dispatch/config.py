@@ -63,6 +63,27 @@ class TriageConfig:
 
 
 @dataclass(frozen=True)
+class SprintConfig:
+    agent: str = ""  # the agent named in claims and results; default: the first configured agent
+    backends: list[str] = field(default_factory=lambda: ["gateway", "cli", "direct"])  # tried in order
+    gateway_url: str = "http://127.0.0.1:8642"  # agent gateway (OpenAI chat completions)
+    probe_timeout: float = 2.0  # seconds to decide a gateway is down
+    cli_command: str = ""  # e.g. "hermes chat -q {prompt_file}"; empty = no CLI backend
+    max_steps: int = 40  # model turns per sprint
+    max_minutes: float = 30.0  # wall clock for the implementation pass
+    max_tokens: int = 400_000  # prompt + completion tokens per sprint
+    max_cost_usd: float = 0.0  # 0 = unlimited (local models cost nothing)
+    strong_labels: list[str] = field(
+        default_factory=lambda: ["architecture", "refactor", "security", "design", "performance"]
+    )  # issues with these labels, or larger than strong_min_chars, get the strong model
+    strong_min_chars: int = 2500
+    push_partial: bool = True  # push the commits of a failed run to its branch so nothing is lost
+    keep_days: float = 3.0  # prune workspaces, logs and trajectories older than this
+    git_name: str = "dispatch"
+    git_email: str = "dispatch@localhost"
+
+
+@dataclass(frozen=True)
 class Config:
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
     repos: list[str] = field(default_factory=list)  # owner/name
@@ -70,6 +91,7 @@ class Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     agents: list[AgentConfig] = field(default_factory=list)
     triage: TriageConfig = field(default_factory=TriageConfig)
+    sprint: SprintConfig = field(default_factory=SprintConfig)
     state_dir: str = "~/.local/state/dispatch"
     source: str = ""  # the file this was read from (set by the loader)
 
@@ -217,6 +239,11 @@ def _validate(cfg: Config) -> None:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"{src}: agents: duplicate name {sorted(dupes)[0]!r}")
+    for b in cfg.sprint.backends:
+        if b not in ("gateway", "cli", "direct"):
+            raise ConfigError(f"{src}: sprint.backends: unknown backend {b!r}; expected gateway, cli or direct")
+    if cfg.sprint.agent and cfg.sprint.agent not in names:
+        raise ConfigError(f"{src}: sprint.agent: {cfg.sprint.agent!r} is not one of agents[].name")
     for model, price in cfg.llm.prices.items():
         if len(price) != 2:
             raise ConfigError(f"{src}: llm.prices.{model}: expected [input, output] USD per 1M tokens")

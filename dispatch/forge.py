@@ -11,7 +11,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -301,41 +301,56 @@ class ForgeClient:
         return self._max_items
 
     def paginate(self, path: str, params: dict[str, Any] | None = None) -> list[dict]:
-        """Every item of a list endpoint, at the server's page cap, fetching pages in parallel.
+        """Every item of one list endpoint; see paginate_many."""
+        return self.paginate_many([(path, params or {})])[0]
 
-        Page 1 gives X-Total-Count, so the remaining pages are known up front; if the server gives
-        no total, follow rel="next" links instead. Items are de-duplicated by id, so one that
-        shifts between pages while we read is kept once.
+    def paginate_many(self, queries: list[tuple[str, dict[str, Any]]]) -> list[list[dict]]:
+        """Every item of several list endpoints, at the server's page cap, pages in parallel.
+
+        Two phases over one pool: the first page of every query (its X-Total-Count says how many
+        pages follow), then every remaining page at once, so a backlog of many repos costs the
+        minimum number of requests at the configured concurrency. Without a total, follow
+        rel="next". Items are de-duplicated by id, so one that shifts pages mid-read is kept once.
         """
         limit = self.max_items()
-        base = {**(params or {}), "limit": limit}
-        first = self.request("GET", path, params={**base, "page": 1})
-        items = list(first.json())
-        total = first.headers.get("X-Total-Count")
-        if total is not None and total.isdigit():
-            pages = max(1, -(-int(total) // limit))
-            rest = range(2, pages + 1)
-            if rest:
-                with ThreadPoolExecutor(max_workers=min(self.concurrency, len(rest))) as pool:
-                    for chunk in pool.map(lambda p: self.get_json(path, {**base, "page": p}), rest):
-                        items.extend(chunk)
-            # the list grew while we read: follow on until a short page
-            page = pages
-            while len(items) < int(total) and page < pages + 100:
-                page += 1
-                chunk = self.get_json(path, {**base, "page": page})
-                if not chunk:
-                    break
-                items.extend(chunk)
-        else:
-            nxt = parse_link(first.headers.get("Link")).get("next")
-            page = 1
-            while nxt and page < 10_000:
-                page += 1
-                resp = self.request("GET", path, params={**base, "page": page})
-                items.extend(resp.json())
-                nxt = parse_link(resp.headers.get("Link")).get("next")
-        return _dedupe(items)
+        bases = [(path, {**params, "limit": limit}) for path, params in queries]
+        firsts = self.map(lambda q: self.request("GET", q[0], params={**q[1], "page": 1}), bases)
+        results: list[list[dict]] = [list(r.json()) for r in firsts]
+        todo: list[tuple[int, int]] = []
+        for i, resp in enumerate(firsts):
+            total = resp.headers.get("X-Total-Count", "")
+            if total.isdigit():
+                # a server capping `limit` lower than it said serves shorter pages; number the
+                # pages by what it actually served, or pages 2.. would skip items
+                size = len(results[i]) if 0 < len(results[i]) < min(limit, int(total)) else limit
+                pages = -(-int(total) // size)
+                todo += [(i, p) for p in range(2, pages + 1)]
+            else:
+                results[i] += self._follow_links(bases[i], resp)
+        chunks = self.map(lambda t: self.get_json(bases[t[0]][0], {**bases[t[0]][1], "page": t[1]}), todo)
+        for (i, _), chunk in zip(todo, chunks, strict=True):
+            results[i].extend(chunk)
+        for i, resp in enumerate(firsts):
+            total = resp.headers.get("X-Total-Count", "")
+            if total.isdigit() and len(results[i]) < int(total):
+                # the list grew while we read: carry on until a short page
+                page = max([p for j, p in todo if j == i], default=1)
+                while True:
+                    page += 1
+                    chunk = self.get_json(bases[i][0], {**bases[i][1], "page": page})
+                    results[i].extend(chunk)
+                    if len(chunk) < limit:
+                        break
+        return [_dedupe(items) for items in results]
+
+    def _follow_links(self, query: tuple[str, dict[str, Any]], resp: requests.Response) -> list[dict]:
+        items: list[dict] = []
+        page = 1
+        while parse_link(resp.headers.get("Link")).get("next") and page < 10_000:
+            page += 1
+            resp = self.request("GET", query[0], params={**query[1], "page": page})
+            items.extend(resp.json())
+        return items
 
     def map(self, fn: Callable[[Any], Any], args: Iterable[Any]) -> list[Any]:
         """Run `fn` over `args` with the client's concurrency, keeping order."""
@@ -356,12 +371,18 @@ class ForgeClient:
     def org_repos(self, org: str) -> list[Repo]:
         return [Repo.from_api(d) for d in self.paginate(f"/orgs/{quote(org, safe='')}/repos")]
 
-    def list_issues(self, repo: str, *, state: str = "open", labels: str = "") -> list[Issue]:
+    @staticmethod
+    def issues_query(repo: str, state: str = "open") -> tuple[str, dict[str, Any]]:
+        """The list query for a repo's issues (no pull requests), for paginate_many."""
+        return f"/repos/{_repo_path(repo)}/issues", {"state": state, "type": "issues"}
+
+    @staticmethod
+    def pulls_query(repo: str, state: str = "open") -> tuple[str, dict[str, Any]]:
+        return f"/repos/{_repo_path(repo)}/pulls", {"state": state}
+
+    def list_issues(self, repo: str, *, state: str = "open") -> list[Issue]:
         """Issues only (no pull requests), every page."""
-        params: dict[str, Any] = {"state": state, "type": "issues"}
-        if labels:
-            params["labels"] = labels
-        items = self.paginate(f"/repos/{_repo_path(repo)}/issues", params)
+        items = self.paginate(*self.issues_query(repo, state))
         return sorted((Issue.from_api(repo, d) for d in items), key=lambda i: i.number)
 
     def get_issue(self, repo: str, number: int) -> Issue:
@@ -400,9 +421,9 @@ class ForgeClient:
         return [Label.from_api(d) for d in resp.json()]
 
     def remove_label(self, repo: str, number: int, label_id: int) -> None:
-        # 404 means it was not there: removing is idempotent
+        # 404 or 422 (Gitea, for a label id it does not know) mean nothing to remove: idempotent
         self.request(
-            "DELETE", f"/repos/{_repo_path(repo)}/issues/{number}/labels/{label_id}", ok=(404,)
+            "DELETE", f"/repos/{_repo_path(repo)}/issues/{number}/labels/{label_id}", ok=(404, 422)
         )
 
     def edit_issue(self, repo: str, number: int, **fields: Any) -> Issue:
@@ -411,7 +432,7 @@ class ForgeClient:
         return Issue.from_api(repo, resp.json())
 
     def list_pulls(self, repo: str, *, state: str = "open") -> list[PullRequest]:
-        items = self.paginate(f"/repos/{_repo_path(repo)}/pulls", {"state": state})
+        items = self.paginate(*self.pulls_query(repo, state))
         return sorted((PullRequest.from_api(repo, d) for d in items), key=lambda p: p.number)
 
     def create_pull(self, repo: str, *, head: str, base: str, title: str, body: str) -> PullRequest:

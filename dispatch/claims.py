@@ -1,0 +1,57 @@
+"""Claims on the forge: who is working an issue, agreed through comments every host can read.
+
+A claim is a comment carrying a marker with the run id; the first claim after the last
+release wins, so two hosts that claim at once both see the same winner after re-reading. Only
+the winner adds the claim label, which is what triage skips on.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+
+from .forge import Comment, ForgeClient
+
+CLAIM_RE = re.compile(r"<!-- dispatch:claim run=(\S+) agent=(\S*) -->")
+RELEASE_RE = re.compile(r"<!-- dispatch:release run=(\S+) -->")
+
+
+@dataclass(frozen=True)
+class Claim:
+    run_id: str
+    agent: str
+    comment_id: int
+
+
+def active_claim(comments: list[Comment]) -> Claim | None:
+    """The claim in force: replay the comments in order; a claim made while another is in
+    force lost the race and never counts, a release ends the claim it names."""
+    current: Claim | None = None
+    for c in sorted(comments, key=lambda c: c.id):
+        if (m := RELEASE_RE.search(c.body)) and current and m.group(1) == current.run_id:
+            current = None
+        elif (m := CLAIM_RE.search(c.body)) and current is None:
+            current = Claim(m.group(1), m.group(2), c.id)
+    return current
+
+
+def claim(client: ForgeClient, repo: str, number: int, *, run_id: str, agent: str,
+          label: str) -> Claim | None:
+    """Try to claim; returns the winning claim (ours or another's), or None if it vanished."""
+    body = (f"<!-- dispatch:claim run={run_id} agent={agent} -->\n"
+            f"Claimed by dispatch run `{run_id}` (agent {agent or '-'}, host {socket.gethostname()}).")
+    client.create_comment(repo, number, body)
+    winner = active_claim(client.list_comments(repo, number))
+    if winner and winner.run_id == run_id:
+        client.add_labels(repo, number, [client.ensure_label(repo, label, "#d93f0b").id])
+    return winner
+
+
+def release(client: ForgeClient, repo: str, number: int, *, run_id: str, label: str,
+            note: str) -> None:
+    """Drop our claim: a release marker (with what happened) and the label removed."""
+    client.create_comment(repo, number, f"<!-- dispatch:release run={run_id} -->\n{note}")
+    labels = [lb for lb in client.list_labels(repo) if lb.name == label]
+    if labels:
+        client.remove_label(repo, number, labels[0].id)
