@@ -27,6 +27,15 @@ _decode = json.JSONDecoder().decode  # skips json.loads' per-call type and encod
 DEFAULT_KEEP = 5  # gzipped segments kept by rotation
 
 
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """The `telemetry:` config section (to be wired into Config)."""
+
+    max_bytes: int = 20_000_000  # rotate metrics/events files past this size
+    keep: int = DEFAULT_KEEP  # gzipped segments kept per file
+    fsync: bool = False  # fsync every append (slower; survives power loss)
+
+
 @dataclass
 class ReadStats:
     """What a reader yielded and what it skipped; mutable so one instance spans a whole read."""
@@ -201,15 +210,24 @@ def _rows(f: IO[str], since: datetime | None, stats: ReadStats) -> Iterator[dict
 def _open_all(path: Path) -> list[IO[str]]:
     # Open every segment up front under a shared lock: a rotation that runs while we stream
     # renames and unlinks, but our descriptors keep the files we started with.
+    if not segments(path):
+        return []  # nothing to read: leave no lock file (or directory) behind
+    try:
+        with locked(path, shared=True):
+            return _open_segments(path)
+    except PermissionError:  # a read-only state dir: nobody can rotate it under us either
+        return _open_segments(path)
+
+
+def _open_segments(path: Path) -> list[IO[str]]:
     files: list[IO[str]] = []
-    with locked(path, shared=True):
-        for seg in segments(path):
-            with contextlib.suppress(FileNotFoundError):
-                raw: IO[bytes] = open(seg, "rb")  # noqa: SIM115 - closed by read()
-                if seg.suffix == ".gz":
-                    raw = gzip.GzipFile(fileobj=raw)
-                # Split on "\n" only, so a line without one is recognisably torn.
-                files.append(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n"))
+    for seg in segments(path):
+        with contextlib.suppress(FileNotFoundError):
+            raw: IO[bytes] = open(seg, "rb")  # noqa: SIM115 - closed by read()
+            if seg.suffix == ".gz":
+                raw = gzip.GzipFile(fileobj=raw)
+            # Split on "\n" only, so a line without one is recognisably torn.
+            files.append(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n"))
     return files
 
 

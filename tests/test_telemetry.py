@@ -154,7 +154,9 @@ def test_corrupt_lines_are_skipped_and_counted(tmp_path: Path) -> None:
 def test_missing_file_reads_as_empty(tmp_path: Path) -> None:
     stats = ReadStats()
     assert list(read(tmp_path / "none.jsonl", stats=stats)) == []
+    assert list(read(tmp_path / "no" / "dir.jsonl", stats=stats)) == []
     assert stats == ReadStats()
+    assert list(tmp_path.iterdir()) == []  # reading leaves nothing behind
 
 
 def test_since_filters_rows_and_counts_rows_without_a_time(tmp_path: Path) -> None:

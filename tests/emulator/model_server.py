@@ -86,8 +86,14 @@ class _State:
     authorized: list[bool] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def next_turn(self) -> Turn:
+    per_conversation: bool = False  # replay the script from the top for each conversation
+
+    def next_turn(self, request: dict | None = None) -> Turn:
         with self.lock:
+            if self.per_conversation and request is not None:
+                # the turn index is how many assistant turns the conversation already holds, so
+                # concurrent clients each walk the script independently
+                self.position = sum(m.get("role") == "assistant" for m in request.get("messages", []))
             if self.position < len(self.script):
                 turn = self.script[self.position]
                 self.position += 1
@@ -107,10 +113,12 @@ class ModelServer:
         when_done: str = "final",
         final_text: str = "done",
         model: str = "scripted",
+        per_conversation: bool = False,
     ) -> None:
         if when_done not in ("repeat", "final"):
             raise ValueError("when_done is 'repeat' or 'final'")
-        self.state = _State(list(script or []), when_done, final_text, model)
+        self.state = _State(list(script or []), when_done, final_text, model,
+                            per_conversation=per_conversation)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -177,7 +185,7 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.requests.append(body)
                 state.authorized.append(bool(self.headers.get("Authorization")))
-            turn = state.next_turn()
+            turn = state.next_turn(body)
             if turn.delay:
                 time.sleep(turn.delay)
             if isinstance(turn, Fault):
