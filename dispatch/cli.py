@@ -415,6 +415,10 @@ def run_cmd(
     _report_sprint(out, as_json)
 
 
+# commands that live in their own modules register themselves on `app` when imported
+from . import cli_report  # noqa: E402,F401
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

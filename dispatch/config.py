@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .health import HealthThresholds
+from .telemetry import TelemetrySettings
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,24 @@ class SprintConfig:
 
 
 @dataclass(frozen=True)
+class CollectorConfig:
+    tmux_socket: str = ""  # tmux -L socket name; empty = the default server
+    tmux_sessions: list[str] = field(default_factory=list)  # sessions to watch; empty = all
+    idle_minutes: float = 10.0  # a pane with no output this long counts as idle
+    expected_cron: list[str] = field(default_factory=list)  # substrings each crontab must contain
+    processes: list[str] = field(default_factory=list)  # process names that must be running
+    pid_files: list[str] = field(default_factory=list)  # pid files whose process must be alive
+    window_hours: float = 24.0  # forge activity window for each snapshot
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    operator_issue: str = ""  # owner/repo#N where `report --post` comments; empty: --post refuses
+    post_mode: str = "comment"  # comment (one per run on operator_issue) or daily_issue
+    since: str = "24h"  # default window
+
+
+@dataclass(frozen=True)
 class Config:
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
     repos: list[str] = field(default_factory=list)  # owner/name
@@ -92,6 +112,10 @@ class Config:
     agents: list[AgentConfig] = field(default_factory=list)
     triage: TriageConfig = field(default_factory=TriageConfig)
     sprint: SprintConfig = field(default_factory=SprintConfig)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    health: HealthThresholds = field(default_factory=HealthThresholds)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     state_dir: str = "~/.local/state/dispatch"
     source: str = ""  # the file this was read from (set by the loader)
 
@@ -244,6 +268,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: sprint.backends: unknown backend {b!r}; expected gateway, cli or direct")
     if cfg.sprint.agent and cfg.sprint.agent not in names:
         raise ConfigError(f"{src}: sprint.agent: {cfg.sprint.agent!r} is not one of agents[].name")
+    if cfg.report.post_mode not in ("comment", "daily_issue"):
+        raise ConfigError(f"{src}: report.post_mode: expected comment or daily_issue")
     for model, price in cfg.llm.prices.items():
         if len(price) != 2:
             raise ConfigError(f"{src}: llm.prices.{model}: expected [input, output] USD per 1M tokens")

@@ -142,6 +142,7 @@ class Sprinter:
                 if winner is None or winner.run_id != run_id:
                     skipped.append(f"{issue.ref}: claimed first by run {winner.run_id if winner else '?'}")
                     continue
+                log.info("run %s claimed %s: %s", run_id, issue.ref, issue.title)
                 return self.work(fresh, run_id, backend, notes)
             finally:
                 lock.release()
@@ -195,13 +196,16 @@ class Sprinter:
         job = Job(workspace=clone, prompt=prompt, prompt_file=prompt_file, system=SYSTEM,
                   repo=issue.repo, issue=issue.number, model=model,
                   trajectory=self.trajectories / f"{run_id}.jsonl", max_seconds=sp.max_minutes * 60)
+        log.info("cloned %s into %s on %s; running the agent (model %s)", issue.repo, clone, branch, model)
         result = run_first_available(self.backends(backend), job)
+        log.info("backend %s ended: %s %s", result.backend, result.status, result.error)
         out = _with(out, backend=result.backend, model=result.model or model,
                     notes=(*out.notes, *result.fallbacks))
         git.restore_config()
         git.commit_all(f"Fix #{issue.number}: {issue.title}\n\nWork of dispatch run {run_id}.")
         ahead = git.ahead(f"origin/{repo.default_branch}")
         if ahead and (result.ok or sp.push_partial):
+            log.info("pushing %d commit(s) to %s", ahead, branch)
             git.push(branch)
         if ahead and result.ok:
             pr = self.open_pull(issue, repo, branch, run_id, result)

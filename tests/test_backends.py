@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dispatch.backends import CLIBackend, DirectBackend, GatewayBackend, Job, run_first_available
-from tests.fakes import FakeEnvironment, ScriptedModel
 from tests.emulator.model_server import say
+from tests.fakes import FakeEnvironment, ScriptedModel
 
 
 class Gateway:

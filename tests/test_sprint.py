@@ -260,3 +260,28 @@ def test_canary_never_in_child_argv(repo, model_server, tmp_path, canary):
     assert "git-seen" in seen  # the scanner did watch the git children
     assert [s for s in seen if s != "git-seen"] == []
     assert canary not in proc.stdout + proc.stderr
+
+
+def test_prune_keeps_unpushed_work(repo, model_server, tmp_path):
+    from dispatch.config import load_config
+    from dispatch.sprint import Sprinter
+    from tests.conftest import CANARY
+
+    for title in ("Pushed", "Unpushed"):
+        repo.add_issue(REPO, title)
+    cfg = load_config(sprint_config(tmp_path, repo, model_server(WRITE_AND_RUN, per_conversation=True)))
+    sprinter = Sprinter(cfg, forge(repo), CANARY)
+    assert sprinter.run(REPO, 1).outcome == "success"
+    assert sprinter.run(REPO, 2).outcome == "success"
+    pushed, unpushed = sorted((tmp_path / "state" / "workspaces").iterdir())
+    clone = unpushed / "repo"
+    (clone / "local.txt").write_text("not pushed")
+    subprocess.run(["git", "-C", str(clone), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-qm", "local only"], check=True)
+    old = time.time() - 10 * 86400
+    for ws in (pushed, unpushed):
+        os.utime(ws, (old, old))
+    removed, kept = sprinter.prune()
+    assert pushed in removed and not pushed.exists()
+    assert kept == [unpushed] and (clone / "local.txt").exists()

@@ -1,0 +1,1 @@
+"""CLI commands for telemetry: collect, report, health (registered on dispatch.cli.app)."""
