@@ -4,14 +4,17 @@ Run: .venv/bin/python bench/bench_triage.py [--repos 20 --issues 300 --latency 0
 
 Reports, per client concurrency, the HTTP requests made against the minimum the page cap allows
 (1 settings + per repo ceil(issues / cap) issue pages + 1 PR page), and the wall time of
-`backlog.fetch` + `triage.triage` against requests x latency / concurrency. The emulator's spec
-validation is off here: it is test machinery, and on a small machine it would be what we time.
+`backlog.fetch` + `triage.triage` against requests x latency / concurrency, and against the same
+run at 0 ms latency (the client's own CPU cost: parsing JSON, building records, scoring).
+The emulator runs in a child process with spec validation off, so the timed process pays only
+what it would pay against a real Gitea.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -50,16 +53,31 @@ def minimum_requests(repos: int, issues: int, cap: int) -> int:
     return 1 + repos * math.ceil(issues / cap) + repos
 
 
-def run_once(emu: GiteaEmulator, names: list[str], concurrency: int) -> tuple[float, int, int, int]:
-    """(seconds, requests the server saw, eligible, skipped) for one fetch + triage."""
-    client = ForgeClient(emu.url, TOKEN, concurrency=concurrency)
-    emu.requests.clear()
+def serve(conn, cap: int, repos: int, issues: int) -> None:
+    """Child process: seed and run the emulator, then obey (command, arg) messages."""
+    with GiteaEmulator(page_cap=cap, validate=False) as emu:
+        conn.send((emu.url, seed(emu, repos, issues)))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "latency":
+                emu.latency = arg
+                emu.requests.clear()
+            elif cmd == "count":
+                conn.send(emu.count())
+            else:
+                break
+
+
+def run_once(url: str, names: list[str], concurrency: int) -> tuple[float, float, int, int, int]:
+    """(seconds in all, of which triage, requests the client made, eligible, skipped)."""
+    client = ForgeClient(url, TOKEN, concurrency=concurrency)
     t0 = time.perf_counter()
     backlog = fetch(client, names)
+    t1 = time.perf_counter()
     result = triage(list(backlog.issues), backlog.open_pulls, AGENTS, TriageConfig(), datetime.now(UTC))
-    elapsed = time.perf_counter() - t0
+    t2 = time.perf_counter()
     client.session.close()
-    return elapsed, emu.count(), len(result.ranked), len(result.skipped)
+    return t2 - t0, t2 - t1, client.requests_made, len(result.ranked), len(result.skipped)
 
 
 def main() -> None:
@@ -72,22 +90,32 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per concurrency; the median is shown")
     args = ap.parse_args()
 
-    with GiteaEmulator(page_cap=args.cap, validate=False) as emu:
-        names = seed(emu, args.repos, args.issues)
-        emu.latency = args.latency
-        floor = minimum_requests(args.repos, args.issues, args.cap)
-        print(f"{args.repos} repos x {args.issues} open issues, page cap {args.cap}, "
-              f"{args.latency * 1000:g} ms latency; minimum requests {floor}")
-        print(f"{'concurrency':>11} {'requests':>9} {'minimum':>8} {'wall s':>8} "
-              f"{'req x lat / conc':>17} {'ratio':>6} {'eligible':>9} {'skipped':>8}")
+    conn, child_conn = mp.Pipe()
+    child = mp.Process(target=serve, args=(child_conn, args.cap, args.repos, args.issues), daemon=True)
+    child.start()
+    url, names = conn.recv()
+    floor = minimum_requests(args.repos, args.issues, args.cap)
+    print(f"{args.repos} repos x {args.issues} open issues, page cap {args.cap}, "
+          f"{args.latency * 1000:g} ms latency; minimum requests {floor}")
+    print(f"{'concurrency':>11} {'requests':>9} {'server saw':>10} {'minimum':>8} {'wall s':>7} "
+          f"{'req*lat/conc':>12} {'ratio':>6} {'wall@0ms':>8} {'triage s':>8} {'eligible':>8} {'skipped':>7}")
+    try:
         for conc in args.concurrency:
-            samples = [run_once(emu, names, conc) for _ in range(args.runs)]
+            conn.send(("latency", 0.0))
+            cpu = statistics.median(run_once(url, names, conc)[0] for _ in range(args.runs))
+            conn.send(("latency", args.latency))
+            samples = [run_once(url, names, conc) for _ in range(args.runs)]
+            conn.send(("count", None))
+            seen = conn.recv() // args.runs
             wall = statistics.median(s[0] for s in samples)
-            made, eligible, skipped = samples[-1][1:]
+            pure = statistics.median(s[1] for s in samples)
+            made, eligible, skipped = samples[-1][2:]
             ideal = made * args.latency / conc
-            print(f"{conc:>11} {made:>9} {floor:>8} {wall:>8.2f} {ideal:>17.2f} "
-                  f"{wall / ideal:>5.2f}x {eligible:>9} {skipped:>8}")
-
+            print(f"{conc:>11} {made:>9} {seen:>10} {floor:>8} {wall:>7.2f} {ideal:>12.2f} "
+                  f"{wall / ideal:>5.2f}x {cpu:>8.2f} {pure:>8.2f} {eligible:>8} {skipped:>7}")
+    finally:
+        conn.send(("stop", None))
+        child.join(timeout=10)
 
 if __name__ == "__main__":
     main()

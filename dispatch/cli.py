@@ -67,6 +67,7 @@ class State:
             cfg.gitea_token(),
             timeout=cfg.gitea.timeout,
             retries=cfg.gitea.retries,
+            backoff=cfg.gitea.backoff,
             concurrency=cfg.gitea.concurrency,
         )
 
@@ -121,9 +122,22 @@ def _setup_logging(verbose: int) -> None:
 
         handler: logging.Handler = RichHandler(show_path=False)
     else:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so a second in-process invocation (tests,
+    embedding) does not log into the first one's closed stream."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _console(stderr: bool = False):

@@ -33,6 +33,7 @@ class GiteaConfig:
     timeout: float = 30.0  # seconds to wait for a response (connect timeout is 5 s)
     concurrency: int = 4  # parallel requests when paging through many repos
     retries: int = 4  # attempts after the first on 429, 5xx and connection errors
+    backoff: float = 1.0  # seconds before the first retry; doubles each time, capped at 120
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
@@ -27,17 +26,6 @@ from tests.emulator.gitea import GiteaEmulator
 ROOT = Path(__file__).resolve().parents[1]
 PAGE_CAP = 50
 OPEN_PER_REPO = {"acme/api": 110, "acme/web": 80, "tools/cli": 60}  # 250 open issues in all
-
-
-@pytest.fixture(autouse=True)
-def fresh_logging():
-    """cli configures the `dispatch` logger once per process, binding the stderr of the first
-    CliRunner call; drop that handler so each invocation logs into its own captured stderr."""
-    logger = logging.getLogger("dispatch")
-    saved = logger.handlers[:]
-    logger.handlers.clear()
-    yield
-    logger.handlers[:] = saved
 
 
 def invoke(config: Path, *args: str) -> typer.testing.Result:
@@ -121,7 +109,7 @@ def min_requests() -> int:
 @pytest.fixture
 def backlog(gitea: GiteaEmulator, tmp_path: Path):
     eligible, skipped = seed_backlog(gitea)
-    config = write_config(tmp_path, gitea, list(OPEN_PER_REPO))
+    config = write_config(tmp_path, gitea, list(OPEN_PER_REPO), gitea={"backoff": 0.05})
     return config, eligible, skipped
 
 
@@ -168,7 +156,7 @@ def test_triage_survives_one_failure_in_three_identically(gitea, backlog):
     assert gitea.count(kind="fault") >= 3
     assert {q.status for q in gitea.requests if q.kind == "fault"} == {502, 429}
     assert faulty.stdout == clean.stdout
-    # the retries sleep for real (backoff from 1 s with jitter), which dominates this test
+    # the retries sleep for real (config gitea.backoff: 50 ms, doubling, jittered)
     assert elapsed < 20, f"faulty triage took {elapsed:.1f}s"
 
 
