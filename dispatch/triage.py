@@ -6,6 +6,7 @@ Pure functions over fetched records; every decision carries short human-readable
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import defaultdict
@@ -243,6 +244,7 @@ def _dependencies(issue: Issue, open_numbers: frozenset[int]) -> tuple[float, st
 # ---- route ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)  # a backlog repeats few words many times: 70k calls, ~3k words
 def normalize(word: str) -> str:
     """Fold a word to the form strengths are matched in: synonyms, then crude stemming."""
     w = SYNONYMS.get(word.lower(), word.lower())
