@@ -429,14 +429,73 @@ def run_cmd(
     _report_sprint(out, as_json)
 
 
+@command(epilog="Example (cron): */5 * * * * dispatch cycle --mode intelligent >> ~/.local/state/dispatch/logs/cycle.log 2>&1")
+def cycle(
+    ctx: typer.Context,
+    mode: Annotated[str, typer.Option("--mode", "-m", metavar="simple|intelligent|sovereign",
+                                      help="simple: scoring rules; intelligent: also measured success "
+                                           "rates; sovereign: approval-gated actions wait for the operator.")] = "simple",
+    max_sprints: Annotated[int, typer.Option("--max-sprints", min=0, metavar="N",
+                                             help="Sprints started in-process this pass (no broker).")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the actions as JSON.")] = False,
+) -> None:
+    """One orchestrator pass: observe, decide, dispatch to idle agents, monitor, record, report."""
+    if mode not in ("simple", "intelligent", "sovereign"):
+        raise typer.BadParameter(f"expected simple, intelligent or sovereign, got {mode!r}", param_hint="--mode")
+    from datetime import UTC, datetime
+
+    from .cycle import run_cycle
+
+    _on_sigterm()
+    state = _state(ctx)
+    cfg = state.cfg
+    client = state.forge()
+    started: list = []
+
+    def run_sprint(decision) -> None:
+        if cfg.queue.url:  # a broker: hand the sprint to the worker of that agent
+            from .jobs import enqueue_sprint
+
+            started.append(enqueue_sprint(cfg, decision.repo, decision.issue, decision.agent))
+        elif len(started) < max_sprints:
+            from .sprint import Sprinter
+
+            sprinter = Sprinter(cfg, client, cfg.gitea_token())
+            sprinter.agent = decision.agent  # the claim and the results row name who it went to
+            out = sprinter.run(decision.repo, decision.issue)
+            started.append(out.outcome)
+
+    post = None
+    if cfg.report.operator_issue:
+        def post() -> bool:
+            from datetime import timedelta
+
+            from .cli_report import _operator_target, load_report, post_report
+            from .report_html import render_markdown
+
+            now = datetime.now(UTC)
+            body = render_markdown(load_report(cfg.state_path, now - timedelta(hours=24), now))
+            post_report(client, _operator_target(cfg), cfg.report.post_mode, body, now)
+            return True
+
+    result = run_cycle(cfg, client, mode=mode, run_sprint=run_sprint, post_report=post)
+    if as_json:
+        print(json.dumps({"mode": result.mode, "skipped": result.skipped or None, "actions": result.actions,
+                          "sprints": [str(s) for s in started], "reported": result.reported}, indent=2))
+    elif result.skipped:
+        print(result.skipped)
+    else:
+        for a in result.actions:
+            print(f"{a['outcome']:>17}  {a['action']} {a['key']}: {a['reason']}")
+        print(f"{len(result.actions)} actions, {len(started)} sprints started"
+              + (", daily report posted" if result.reported else ""))
+    raise typer.Exit(result.exit_code)
+
+
 # commands that live in their own modules register themselves on `app` when imported
-from . import cli_report  # noqa: E402,F401
+from . import cli_fleet, cli_queue, cli_report  # noqa: E402,F401
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
-
-
-if __name__ == "__main__":
-    main()

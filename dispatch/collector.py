@@ -4,13 +4,13 @@ server liveness, backlog size), each probe failing on its own; `run_collector` r
 Agent states, from the live sprint locks and the tmux panes mapped to each agent (a pane belongs
 to an agent when its session or window is named after it, case-insensitively):
 
-- holds a live lock: `stuck` when the lock is older than sprint.max_minutes + collector.idle_minutes
-  (the sprint outlived its own budget) or when it has live panes and all are idle; else `working`
-  (a held flock proves its process is alive, with or without a pane);
-- no lock: `working` if a live pane of it shows output within collector.idle_minutes; `idle` if it
-  has live panes but all are quiet; `dead` if all its panes are dead, or it had a pane in the
-  previous snapshot and now has none (sticky until a pane comes back); else `idle` (a cron-only
-  agent between sprints).
+- holds a live sprint lock: `stuck` when the lock is older than sprint.max_minutes +
+  collector.idle_minutes (the sprint outlived its own budget) or when it has live panes and all
+  are idle; else `working` (a held flock proves its process is alive, with or without a pane);
+- no sprint lock: `working` if a live pane of it shows output within collector.idle_minutes;
+  `idle` if it has live panes but all are quiet, or its persistent loop holds `loop:<agent>`;
+  `dead` if all its panes are dead, or it had a pane in the previous snapshot and now has none
+  (sticky until a pane comes back); else `idle` (a cron-only agent between sprints).
 """
 
 from __future__ import annotations
@@ -56,19 +56,11 @@ class ProbeError(Exception):
     """A probe could not observe what it looks at; its one-line reason goes into `probes`."""
 
 
-def collect(
-    cfg: Config,
-    *,
-    client: ForgeClient | None,
-    runner: Runner = subprocess.run,
-    now: Callable[[], datetime] = tm.utc_now,
-    env: Mapping[str, str] = os.environ,
-    previous: dict | None = None,
-    proc: Path = Path("/proc"),
-) -> Snapshot:
+def collect(cfg: Config, *, client: ForgeClient | None, runner: Runner = subprocess.run,
+            now: Callable[[], datetime] = tm.utc_now, env: Mapping[str, str] = os.environ,
+            previous: dict | None = None, proc: Path = Path("/proc")) -> Snapshot:
     """Run every probe; `previous` is the last reduced state (for `since` and vanished panes)."""
     t0, at = time.perf_counter(), now()
-    previous = previous or {}
     probes: dict[str, str] = {}
     row: dict[str, Any] = {"kind": "snapshot", "ts": tm.format_ts(at)}
     state: dict[str, Any] = {}
@@ -87,42 +79,27 @@ def collect(
     if panes is not None:
         row["panes"] = panes
         state["panes"] = {p["id"]: {k: p[k] for k in ("alive", "idle", "command")} for p in panes}
-    if cfg.collector.expected_cron:
-        cron = probe("cron", _cron, cfg.collector.expected_cron, runner, env)
-        if cron is not None:
-            row["cron"], state["cron"] = cron, {"missing": cron["missing"]}
-    if client is None:
-        probes["forge"] = probes["backlog"] = "error: no forge client (is the token configured?)"
+    if cfg.collector.expected_cron and (cron := probe("cron", _cron, cfg.collector.expected_cron, runner, env)):
+        row["cron"], state["cron"] = cron, {"missing": cron["missing"]}
+    repos = probe("forge", _repos, client, cfg) if client else None
+    if repos is None:
+        probes["forge"] = probes["backlog"] = probes.get("forge", "error: no forge client (is the token configured?)")
     else:
-        repos = probe("forge", _repos, client, cfg)
-        if repos is not None:
-            forge = probe("forge", _forge, client, cfg, repos, at)
-            if forge is not None:
-                row["forge"], state["pulls"], state["issues"] = forge
-            row["backlog"] = probe("backlog", _backlog, client, cfg, repos, at)
-            if row["backlog"] is None:
-                del row["backlog"]
-        else:
-            probes["backlog"] = probes["forge"]
-    locks = probe("sprints", lambda: list(live(cfg.state_path / "locks")))
-    if locks is not None:
-        finished = probe("sprints", _finished, cfg, at)
-        if finished is not None:
-            running = sorted({lk.run_id for lk in locks if lk.run_id})
-            row["sprints"] = {"running": running, **finished}
-            state["sprints"] = {"running": running, "failed": finished["failed"]}
-    if cfg.collector.processes or cfg.collector.pid_files:
-        found = probe("processes", _processes, cfg, proc)
-        if found is not None:
-            row["processes"] = found
-    model = _model_server(cfg, env)
+        if forge := probe("forge", _forge, client, cfg, repos, at):
+            row["forge"], state["pulls"], state["issues"] = forge
+        if backlog := probe("backlog", _backlog, client, cfg, repos, at):
+            row["backlog"] = backlog
+    locks, sprints = probe("sprints", _sprints, cfg, at) or ([], None)
+    if sprints:
+        row["sprints"], state["sprints"] = sprints, {k: sprints[k] for k in ("running", "failed")}
+    watched = cfg.collector.processes or cfg.collector.pid_files
+    if watched and (found := probe("processes", _processes, cfg, proc)) is not None:
+        row["processes"] = found
+    model = row["model_server"] = _model_server(cfg, env)
     probes["model_server"] = model.pop("error", "ok")
-    row["model_server"] = model
     state["model_server"] = {"up": model["up"], "url": model["url"]}
-    agents = agent_states(cfg, panes, locks or [], previous.get("agents") or {}, at)
-    row["agents"] = state["agents"] = agents
-    row["probes"] = probes
-    row["duration_s"] = round(time.perf_counter() - t0, 3)
+    row["agents"] = state["agents"] = agent_states(cfg, panes, locks, (previous or {}).get("agents") or {}, at)
+    row["probes"], row["duration_s"] = probes, round(time.perf_counter() - t0, 3)
     return Snapshot(row, state)
 
 
@@ -238,15 +215,21 @@ def _backlog(client: ForgeClient, cfg: Config, repos: list[str], at: datetime) -
     return {"open": len(backlog.issues), "eligible": len(result.ranked)}
 
 
-def _finished(cfg: Config, at: datetime) -> dict:
+def _sprints(cfg: Config, at: datetime) -> tuple[list[LockInfo], dict]:
+    """Live locks (running sprints and loops) and the results rows of the window (finished ones)."""
+    # A persistent loop holds `loop:<agent>` for its whole life: liveness, not a sprint.
+    locks = list(live(cfg.state_path / "locks"))
     start = at - timedelta(hours=cfg.collector.window_hours)
     outcomes: Counter[str] = Counter()
-    failed = []
+    failed = set()
     for r in read_results(cfg.state_path / "results.csv", since=start):
         outcomes[r.outcome] += 1
         if r.outcome == "failed":
-            failed.append(r.run_id)
-    return {"failed": sorted(set(failed)), "finished": dict(sorted(outcomes.items()))}
+            failed.add(r.run_id)
+    # A persistent loop holds `loop:<agent>` for its whole life: liveness, not a sprint.
+    running = sorted({lk.run_id for lk in locks if lk.run_id and lk.data.get("kind") != "loop"})
+    return locks, {"running": running, "failed": sorted(failed),
+                   "finished": dict(sorted(outcomes.items()))}
 
 
 def _processes(cfg: Config, proc: Path) -> dict[str, bool]:
@@ -278,8 +261,9 @@ def _model_server(cfg: Config, env: Mapping[str, str]) -> dict:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         resp = requests.get(url + "/models", headers=headers, timeout=PROBE_TIMEOUT)
     except Exception as e:  # noqa: BLE001 - unreachable, refused, bad key file: all mean down
-        reason = type(e).__name__ if isinstance(e, requests.RequestException) else one_line(str(e), 200)
-        return {"up": False, "url": url, "error": f"error: {reason} for GET {url}/models"}
+        reason = ("timed out" if isinstance(e, requests.Timeout) else "cannot connect"
+                  if isinstance(e, requests.ConnectionError) else one_line(str(e), 200) or type(e).__name__)
+        return {"up": False, "url": url, "error": f"error: {reason}: GET {url}/models"}
     if not resp.ok:
         return {"up": False, "url": url, "error": f"error: {resp.status_code} for GET {url}/models"}
     try:
@@ -299,7 +283,9 @@ def agent_states(cfg: Config, panes: list[dict] | None, locks: list[LockInfo], p
     out = {}
     for agent in cfg.agents:
         name, prev = agent.name, previous.get(agent.name) or {}
-        lock = next((lk for lk in locks if lk.data.get("agent") == name), None)
+        held = [lk for lk in locks if lk.data.get("agent") == name]
+        lock = next((lk for lk in held if lk.data.get("kind") != "loop"), None)
+        looping = any(lk.data.get("kind") == "loop" for lk in held)
         mine = [p for p in panes or () if p.get("agent") == name]
         alive = [p for p in mine if p["alive"]]
         active = [p for p in alive if not p["idle"]]
@@ -310,7 +296,7 @@ def agent_states(cfg: Config, panes: list[dict] | None, locks: list[LockInfo], p
             entry.update(run_id=lock.run_id, issue=lock.key)
         elif active:
             state = "working"
-        elif alive:
+        elif alive or looping:  # a loop between sprints is alive even without a pane
             state = "idle"
         elif mine or (panes is not None and prev.get("pane")):
             state = "dead"
@@ -327,15 +313,9 @@ def agent_states(cfg: Config, panes: list[dict] | None, locks: list[LockInfo], p
 # ---- recording -------------------------------------------------------------------------------
 
 
-def run_collector(
-    cfg: Config,
-    *,
-    client: ForgeClient | None,
-    runner: Runner = subprocess.run,
-    now: Callable[[], datetime] = tm.utc_now,
-    env: Mapping[str, str] = os.environ,
-    proc: Path = Path("/proc"),
-) -> list[dict]:
+def run_collector(cfg: Config, *, client: ForgeClient | None, runner: Runner = subprocess.run,
+                  now: Callable[[], datetime] = tm.utc_now, env: Mapping[str, str] = os.environ,
+                  proc: Path = Path("/proc")) -> list[dict]:
     """Collect one snapshot and `record` it; returns the events emitted."""
     previous = tm.read_state(cfg.state_path / "telemetry" / "last_state.json")
     snap = collect(cfg, client=client, runner=runner, now=now, env=env, previous=previous, proc=proc)
@@ -353,9 +333,11 @@ def record(cfg: Config, snap: Snapshot) -> list[dict]:
     # then report each change once instead of both diffing against the same old state.
     with tm.locked(state_file):
         old = tm.read_state(state_file)
+        if str(old.get("ts", "")) > snap.row["ts"]:
+            return []  # a later snapshot was recorded first; diffing this one would go backwards
         events = [{"schema": tm.SCHEMA_VERSION, "ts": snap.row["ts"], **ev}
                   for ev in tm.diff_states(old, snap.state)]
         for ev in events:
             tm.append(folder / "events.jsonl", ev, **opts)
-        tm.write_state(state_file, {**old, **snap.state})
+        tm.write_state(state_file, {**old, **snap.state, "ts": snap.row["ts"]})
     return events

@@ -20,9 +20,16 @@ from typing import Any
 
 import yaml
 
+from .breaker import BreakerConfig
 from .errors import ConfigError
 from .health import HealthThresholds
+from .house import HouseConfig
+from .jobs import QueueConfig
+from .loop import LoopConfig
+from .policy import PolicyConfig, check_policy
+from .quota import QuotaConfig, check_quotas
 from .telemetry import TelemetrySettings
+from .watchdog import WatchdogConfig
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,13 @@ class Config:
     health: HealthThresholds = field(default_factory=HealthThresholds)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    breakers: BreakerConfig = field(default_factory=BreakerConfig)
+    quotas: dict[str, QuotaConfig] = field(default_factory=dict)  # agent name -> daily caps
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    house: HouseConfig = field(default_factory=HouseConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     state_dir: str = "~/.local/state/dispatch"
     source: str = ""  # the file this was read from (set by the loader)
 
@@ -269,6 +283,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: sprint.backends: unknown backend {b!r}; expected gateway, cli or direct")
     if cfg.sprint.agent and cfg.sprint.agent not in names:
         raise ConfigError(f"{src}: sprint.agent: {cfg.sprint.agent!r} is not one of agents[].name")
+    check_policy(cfg.policy, src)
+    check_quotas(cfg.quotas, names, src)
     if cfg.report.post_mode not in ("comment", "daily_issue"):
         raise ConfigError(f"{src}: report.post_mode: expected comment or daily_issue")
     for model, price in cfg.llm.prices.items():

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ForgeError
 from .policy import Action
 
 BUSY_TIMEOUT_S = 10.0
@@ -77,6 +78,10 @@ def marker(key: str) -> str:
 def marked_keys(texts: Iterable[str]) -> set[str]:
     """Every action key a marker in `texts` names (e.g. the bodies of an issue's comments)."""
     return {m.group(1) for t in texts for m in _MARKER.finditer(t or "")}
+
+
+def _outcome_unknown(exc: Exception) -> bool:
+    return isinstance(exc, ForgeError) and exc.status is None
 
 
 def _check_key(key: str) -> None:
@@ -182,13 +187,18 @@ class Journal:
 
     @contextlib.contextmanager
     def once(self, action: Action) -> Iterator[Step]:
-        """`with journal.once(a) as step:` — run the body's work only `if step.run`; set
-        `step.result`. Confirmed on normal exit, failed (and re-raised) on an exception."""
+        """`with journal.once(a) as step:` — do the work only `if step.run`; set `step.result`.
+
+        Normal exit confirms. An exception is re-raised and marks the key failed (retryable),
+        unless the outcome is unknown: a forge call that timed out or lost its connection may
+        have landed, and an interrupt may have come after it, so those stay pending for the
+        forge re-check (see pending()). Keep only the action itself in the body.
+        """
         step = Step(run=self.begin(action))
         try:
             yield step
-        except BaseException as e:
-            if step.run:
+        except Exception as e:
+            if step.run and not _outcome_unknown(e):
                 self.fail(action.key, f"{type(e).__name__}: {e}")
             raise
         if step.run:

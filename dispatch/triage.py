@@ -259,6 +259,22 @@ def _words(text: str) -> set[str]:
     return {normalize(w) for w in _WORD.findall(text.lower())}
 
 
+def issue_words(issue: Issue) -> tuple[set[str], set[str]]:
+    """(label words, title and body words), normalised for matching strengths."""
+    return _words(" ".join(issue.labels)), _words(f"{issue.title}\n{issue.body}")
+
+
+def strength_fit(agent: AgentConfig, label_words: set[str], text_words: set[str]) -> tuple[int, list[str]]:
+    """How well an agent's strengths match an issue: labels weigh more than text."""
+    fit, matched = 0, []
+    for word in sorted(_words(" ".join(agent.strengths))):
+        if word in label_words:
+            fit, matched = fit + LABEL_WEIGHT, [*matched, f"{word} (label)"]
+        elif word in text_words:
+            fit, matched = fit + TEXT_WEIGHT, [*matched, word]
+    return fit, matched
+
+
 def route(
     issue: Issue, agents: list[AgentConfig], load: Mapping[str, int] | None = None
 ) -> Route:
@@ -266,8 +282,7 @@ def route(
     if not agents:
         return Route(None, ("no agents configured",))
     load = load or {}
-    label_words = _words(" ".join(issue.labels))
-    text_words = _words(f"{issue.title}\n{issue.body}")
+    label_words, text_words = issue_words(issue)
     reasons: list[str] = []
     candidates = []
     for index, agent in enumerate(agents):
@@ -275,12 +290,7 @@ def route(
         if held >= agent.max_concurrent:
             reasons.append(f"{agent.name} at capacity ({held}/{agent.max_concurrent})")
             continue
-        fit, matched = 0, []
-        for word in sorted(_words(" ".join(agent.strengths))):
-            if word in label_words:
-                fit, matched = fit + LABEL_WEIGHT, [*matched, f"{word} (label)"]
-            elif word in text_words:
-                fit, matched = fit + TEXT_WEIGHT, [*matched, word]
+        fit, matched = strength_fit(agent, label_words, text_words)
         candidates.append((-fit, held, index, agent.name, matched))
     if not candidates:
         return Route(None, (*reasons, "all agents at capacity"))

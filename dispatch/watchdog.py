@@ -15,14 +15,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import claims
-from .backlog import ROUTE_MARK, fetch
 from .claims import Claim
-from .config import AgentConfig, Config
 from .forge import ForgeClient, Issue, PullRequest, parse_time
 from .locks import live
-from .triage import Ranked, ready_label, references, route, triage
+
+if TYPE_CHECKING:  # config.py imports this module's WatchdogConfig: keep the import graph a tree
+    from .config import AgentConfig, Config
+    from .triage import Ranked
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,8 @@ def assess(obs: Observation, agents: list[AgentConfig], cfg: WatchdogConfig, now
 def decide(obs: Observation, agents: list[AgentConfig], cfg: WatchdogConfig, now: datetime,
            pane_activity: Mapping[str, datetime] | None = None) -> list[Decision]:
     """What to do now, with reasons; stuck claims first, so re-routed work counts as queued."""
+    from .triage import ready_label, route
+
     pane = pane_activity or {}
     decisions: list[Decision] = []
     load = {a.name: len(obs.queued.get(a.name, ())) for a in agents}
@@ -197,6 +201,9 @@ def decide(obs: Observation, agents: list[AgentConfig], cfg: WatchdogConfig, now
 def observe(client: ForgeClient, repos: list[str], cfg: Config, now: datetime,
             state_dir: Path | None = None) -> Observation:
     """Fetch the backlog, every claimed issue's history, and this host's running sprints."""
+    from .backlog import fetch
+    from .triage import ready_label, triage
+
     backlog = fetch(client, repos)
     result = triage(list(backlog.issues), backlog.open_pulls, cfg.agents, cfg.triage, now)
     label = cfg.triage.claim_label
@@ -230,6 +237,8 @@ def observe(client: ForgeClient, repos: list[str], cfg: Config, now: datetime,
 
 
 def _pr_for(pr: PullRequest, issue: Issue) -> bool:
+    from .triage import references
+
     return pr.head.startswith(f"dispatch/{issue.number}-") or issue.number in references(
         f"{pr.title}\n{pr.body}", issue.repo)
 
@@ -299,6 +308,8 @@ def _nudge(client: ForgeClient, d: Decision, cfg: Config, kill) -> bool:
 
 
 def _release(client: ForgeClient, d: Decision, cfg: Config, kill) -> bool:
+    from .triage import ready_label
+
     comments = client.list_comments(d.repo, d.issue)
     current = claims.active_claim(comments)
     if current is None or current.run_id != d.run_id:
@@ -323,6 +334,9 @@ def _release(client: ForgeClient, d: Decision, cfg: Config, kill) -> bool:
 
 
 def _assign(client: ForgeClient, d: Decision, cfg: Config, kill) -> bool:
+    from .backlog import ROUTE_MARK
+    from .triage import ready_label
+
     mark = f"{ROUTE_MARK} agent={d.agent} -->"
     comments = client.list_comments(d.repo, d.issue)
     if claims.active_claim(comments):

@@ -184,7 +184,7 @@ def test_eight_concurrent_sprints_take_five_distinct_issues(repo, model_server, 
                           per_conversation=True)
     cfg = sprint_config(tmp_path, repo, server)
     env = {**os.environ, "DISPATCH_CONFIG": str(cfg)}
-    procs = [subprocess.Popen([sys.executable, "-m", "dispatch.cli", "sprint", "--repo", REPO, "--json"],
+    procs = [subprocess.Popen([sys.executable, "-m", "dispatch", "sprint", "--repo", REPO, "--json"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(8)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -203,7 +203,7 @@ def test_kill_9_then_next_run_recovers(repo, model_server, tmp_path):
     server = model_server([call("run_command", command="sleep 30")], when_done="repeat")
     cfg = sprint_config(tmp_path, repo, server)
     env = {**os.environ, "DISPATCH_CONFIG": str(cfg)}
-    proc = subprocess.Popen([sys.executable, "-m", "dispatch.cli", "sprint", "--repo", REPO],
+    proc = subprocess.Popen([sys.executable, "-m", "dispatch", "sprint", "--repo", REPO],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 30
     while time.time() < deadline and not server.requests:
@@ -252,7 +252,7 @@ def test_canary_never_in_child_argv(repo, model_server, tmp_path, canary):
 
     t = threading.Thread(target=scan, daemon=True)
     t.start()
-    proc = subprocess.run([sys.executable, "-m", "dispatch.cli", "sprint", "--repo", REPO, "--json"],
+    proc = subprocess.run([sys.executable, "-m", "dispatch", "sprint", "--repo", REPO, "--json"],
                           env=env, capture_output=True, text=True, timeout=120)
     stop.set()
     t.join()

@@ -60,7 +60,7 @@ def write_setup(home: Path, emu: GiteaEmulator, model: ModelServer, token: str) 
 def dispatch(env: dict[str, str], *args: str, capture: bool = False) -> subprocess.CompletedProcess:
     if not capture:
         header("dispatch " + " ".join(args))
-    return subprocess.run([sys.executable, "-m", "dispatch.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "dispatch", *args], cwd=ROOT, env=env,
                           text=True, capture_output=capture, timeout=120)
 
 

@@ -1,0 +1,189 @@
+"""One orchestrator pass: observe the backlog, decide, dispatch, monitor, record, report.
+
+Every forge action goes through the policy (allow / approve / forbid) and the action journal
+(a key per intended action, recorded before and confirmed after), so a cron run that fires twice
+or dies half-way never does the same thing twice. In `sovereign` mode actions that need approval
+wait on one checklist comment on the operator issue and run once a box is ticked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import house, policy, telemetry, watchdog
+from .config import Config
+from .errors import DispatchError, ForgeError
+from .forge import ForgeClient
+from .journal import Journal
+from .ledger import Ledger, issue_kind
+from .policy import Action
+
+log = logging.getLogger(__name__)
+
+MODES = ("simple", "intelligent", "sovereign")
+# watchdog decisions -> the policy's action kinds
+KIND = {"nudge": "nudge", "release": "reroute", "assign": "assign", "sprint": "assign", "stop": "reroute"}
+CHECKLIST = "<!-- dispatch:approvals -->"
+_BOX = re.compile(r"^- \[([ xX])\] `([^`]+)`", re.M)
+
+
+@dataclass
+class CycleResult:
+    mode: str
+    skipped: str = ""  # why nothing was attempted (an open breaker)
+    actions: list[dict] = field(default_factory=list)  # one per decision: key, verdict, outcome
+    events: list[dict] = field(default_factory=list)
+    reported: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(a["outcome"] == "error" for a in self.actions) else 0
+
+
+def run_cycle(
+    cfg: Config,
+    client: ForgeClient,
+    *,
+    mode: str = "simple",
+    now: datetime | None = None,
+    run_sprint: Callable[[watchdog.Decision], object] | None = None,
+    post_report: Callable[[], bool] | None = None,
+) -> CycleResult:
+    """One pass. `run_sprint` starts (or enqueues) a sprint for a `sprint` decision."""
+    if mode not in MODES:
+        raise DispatchError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    now = now or datetime.now(UTC)
+    state = cfg.state_path
+    result = CycleResult(mode)
+    breaker = cfg.breakers.breaker(state, "forge", clock=now.timestamp)
+    if not breaker.allow():
+        result.skipped = f"the forge breaker is open ({client.base_url}); skipping this cycle"
+        _record(cfg, result, [{"kind": "cycle_skipped", "subject": "forge", "reason": result.skipped}])
+        return result
+    try:
+        from .backlog import resolve_repos
+
+        repos = resolve_repos(client, cfg)
+        obs = watchdog.observe(client, repos, cfg, now, state_dir=state)
+        breaker.record(True)
+    except ForgeError as e:
+        breaker.record(False, str(e))
+        raise
+
+    ledger = Ledger(state / "ledger.sqlite")
+    results_csv = state / "results.csv"
+    kinds = {r.issue.ref: issue_kind(r.issue.labels, r.issue.title) for r in obs.ranked}
+    ledger.import_results(results_csv, kind_of=lambda row: kinds.get(f"{row.repo}#{row.issue}", "other"))
+    agents, held_back = _available(cfg, ledger, now)
+    events = [{"kind": "quota_exhausted", "subject": name, "reason": why} for name, why in held_back.items()]
+    if mode == "intelligent":
+        obs = _learned(obs, agents, ledger)
+
+    decisions = watchdog.decide(obs, agents, cfg.watchdog, now)
+    journal = Journal(state / "journal.sqlite")
+    approved = _approved(client, cfg) if mode == "sovereign" else set()
+    waiting: list[tuple[Action, watchdog.Decision]] = []
+    for d in decisions:
+        action = Action(KIND[d.action], d.ref, d.reason, d.key)
+        verdict = policy.decide(action.kind, cfg.policy, mode=mode)
+        row = {"key": d.key, "action": d.action, "verdict": verdict.verdict, "reason": d.reason}
+        if verdict.verdict == "forbid":
+            row["outcome"] = "forbidden"
+        elif verdict.verdict == "approve" and d.key not in approved:
+            row["outcome"] = "awaiting approval"
+            waiting.append((action, d))
+        else:
+            row["outcome"] = _carry_out(client, cfg, journal, action, d, run_sprint, events)
+        events.append(policy.action_event(action, verdict, row["outcome"]))
+        result.actions.append(row)
+    if waiting:
+        _post_checklist(client, cfg, waiting)
+
+    readings = house.check_all(state, cfg.llm.base_url, cfg.house)
+    events += house.warnings(readings)
+    if post_report and journal.begin(Action("comment", "report", "daily report", f"report:{now.date()}")):
+        try:
+            result.reported = post_report()
+            journal.confirm(f"report:{now.date()}")
+        except DispatchError as e:
+            journal.fail(f"report:{now.date()}", str(e))
+    _record(cfg, result, events)
+    return result
+
+
+def _available(cfg: Config, ledger: Ledger, now: datetime):
+    if not cfg.quotas:
+        return list(cfg.agents), {}
+    from .quota import available_agents
+
+    names, reasons = available_agents(cfg.agents, ledger, cfg.quotas, now)
+    return [a for a in cfg.agents if a.name in names], reasons
+
+
+def _learned(obs: watchdog.Observation, agents, ledger: Ledger) -> watchdog.Observation:
+    """Re-route every ranked issue by measured success rates (intelligent mode)."""
+    from .routing import route_learned
+
+    rates = ledger.success_rates(30)
+    ranked = tuple(replace(r, route=route_learned(r.issue, agents, {}, rates)) for r in obs.ranked)
+    return replace(obs, ranked=ranked)
+
+
+def _carry_out(client, cfg, journal: Journal, action: Action, d, run_sprint, events) -> str:
+    # a key pending from a crashed run is safe to redo: every watchdog action checks its own
+    # marker on the forge first, so reclaiming cannot double a comment
+    stale = [e for e in journal.pending(older_than_s=300) if e.key == action.key]
+    if not journal.begin(action) and not (stale and journal.reclaim(stale[0])):
+        return "done before"
+    try:
+        events += watchdog.apply(client, [d], cfg, run_sprint=run_sprint)
+    except DispatchError as e:
+        journal.fail(action.key, str(e))
+        return "error"
+    journal.confirm(action.key)
+    return "done"
+
+
+def _approved(client: ForgeClient, cfg: Config) -> set[str]:
+    """Keys whose box the operator ticked on a checklist comment of the operator issue."""
+    if not cfg.report.operator_issue:
+        return set()
+    repo, _, number = cfg.report.operator_issue.partition("#")
+    keys = set()
+    for c in client.list_comments(repo, int(number)):
+        if CHECKLIST in c.body:
+            keys |= {key for mark, key in _BOX.findall(c.body) if mark in "xX"}
+    return keys
+
+
+def _post_checklist(client: ForgeClient, cfg: Config, waiting) -> None:
+    """One checklist comment listing actions not yet put before the operator."""
+    if not cfg.report.operator_issue:
+        log.warning("%d actions need approval but report.operator_issue is not set", len(waiting))
+        return
+    repo, _, number = cfg.report.operator_issue.partition("#")
+    listed = set()
+    for c in client.list_comments(repo, int(number)):
+        if CHECKLIST in c.body:
+            listed |= {key for _, key in _BOX.findall(c.body)}
+    new = [(a, d) for a, d in waiting if a.key not in listed]
+    if not new:
+        return
+    lines = [CHECKLIST, "dispatch wants to do the following; tick a box to approve it "
+             "(it runs on the next cycle, once):", ""]
+    lines += [f"- [ ] `{a.key}` — {d.action} {d.ref}: {d.reason}" for a, d in new]
+    client.create_comment(repo, int(number), "\n".join(lines))
+
+
+def _record(cfg: Config, result: CycleResult, events: list[dict]) -> None:
+    path = Path(cfg.state_path) / "telemetry" / "events.jsonl"
+    t = cfg.telemetry
+    for ev in events:
+        telemetry.append(path, {**ev, "source": "cycle", "mode": result.mode},
+                         fsync=t.fsync, max_bytes=t.max_bytes, keep=t.keep)
+    result.events = events
