@@ -17,11 +17,6 @@ from .cli import _state, app, command, err
 from .errors import DispatchError
 
 
-def _section(cfg, name: str, default_factory: Callable[[], Any]) -> Any:
-    # until Config grows the section, its defaults apply
-    return getattr(cfg, name, None) or default_factory()
-
-
 def _append_events(cfg, rows: list[dict]) -> None:
     from .telemetry import append
 
@@ -65,12 +60,12 @@ def watchdog(
 
     from . import drift, house
     from .backlog import resolve_repos
-    from .watchdog import WatchdogConfig, apply, assess, decide, observe, pane_activity
+    from .watchdog import apply, assess, decide, observe, pane_activity
 
     state = _state(ctx)
     cfg = state.cfg
-    wcfg = _section(cfg, "watchdog", WatchdogConfig)
-    hcfg = _section(cfg, "house", house.HouseConfig)
+    wcfg = cfg.watchdog
+    hcfg = cfg.house
     now = datetime.now(UTC)
     client = state.forge()
     obs = observe(client, resolve_repos(client, cfg), cfg, now, cfg.state_path)
@@ -82,7 +77,13 @@ def watchdog(
     server = drift.server_models(cfg.llm.base_url) if wcfg.expected_models else None
     drifted = drift.check(wcfg.expected_models, server, wcfg.agent_configs)
     if fix and not dry_run:
-        drifted = drift.fix(drifted, wcfg.agent_configs, allowed=True)  # the cycle asks the policy
+        from .policy import decide as policy_decide
+
+        verdict = policy_decide("fix_drift", cfg.policy)
+        if verdict.verdict != "allow":
+            err(f"--fix: the policy does not let the fleet fix drift alone ({verdict.reason}); "
+                "add fix_drift to policy.allow")
+        drifted = drift.fix(drifted, wcfg.agent_configs, allowed=verdict.verdict == "allow")
     readings = house.check_all(cfg.state_path, cfg.llm.base_url, hcfg)
     warned = house.warnings(readings)
     cleaned = None if dry_run else house.cleanup(cfg.state_path, hcfg.keep_days)
@@ -126,7 +127,7 @@ def loop_cmd(
 
     Exit 0 on a clean stop, 1 when this agent's loop is already running."""
     from .errors import ConfigError, LockHeld
-    from .loop import LoopConfig, WorkerLoop
+    from .loop import WorkerLoop
 
     state = _state(ctx)
     cfg = state.cfg
@@ -135,7 +136,7 @@ def loop_cmd(
         names = ", ".join(a.name for a in cfg.agents) or "none configured"
         raise ConfigError(f"{cfg.source}: agents: no agent named {agent!r} (have: {names})")
     loop = WorkerLoop(cfg, found, state.forge(), cfg.gitea_token(),
-                      loop_cfg=_section(cfg, "loop", LoopConfig))
+                      loop_cfg=cfg.loop)
     try:
         code = loop.run(max_turns=max_turns)
     except LockHeld as e:
@@ -172,11 +173,11 @@ def tmux_up_cmd(
     """Create the session with one window per agent running its loop; idempotent.
 
     DISPATCH_TMUX_COMMAND overrides loop.tmux_command ({dispatch}, {config}, {agent})."""
-    from .loop import LoopConfig, loop_windows, tmux_up
+    from .loop import loop_windows, tmux_up
 
     state = _state(ctx)
     cfg = state.cfg
-    lc = _section(cfg, "loop", LoopConfig)
+    lc = cfg.loop
     exe = shutil.which("dispatch")
     # not `python -m dispatch.cli`: run as __main__, cli.py would not see the commands that
     # modules like this one register on the imported `dispatch.cli.app`

@@ -88,7 +88,6 @@ class SprintConfig:
     )  # issues with these labels, or larger than strong_min_chars, get the strong model
     strong_min_chars: int = 2500
     push_partial: bool = True  # push the commits of a failed run to its branch so nothing is lost
-    keep_days: float = 3.0  # prune workspaces, logs and trajectories older than this
     git_name: str = "dispatch"
     git_email: str = "dispatch@localhost"
 

@@ -121,11 +121,6 @@ class Git:
     def push(self, branch: str) -> None:
         self.run("push", "--quiet", "origin", f"HEAD:refs/heads/{branch}", with_token=True)
 
-    def unpushed(self) -> int:
-        """Commits on local branches that no remote branch has (work that pruning must keep)."""
-        out = self.run("rev-list", "--count", "--branches", "--not", "--remotes", check=False)
-        return int(out) if out.isdigit() else 0
-
 
 def write_askpass(state_dir: Path) -> Path:
     """The askpass helper, private to this user; it holds no secret itself."""

@@ -20,7 +20,7 @@ from .backends import CLIBackend, DirectBackend, GatewayBackend, Job, run_first_
 from .config import Config
 from .errors import DispatchError, LockHeld
 from .forge import ForgeClient, Issue, PullRequest, Repo
-from .gitops import Git, make_workspace, prune, write_askpass
+from .gitops import Git, make_workspace, write_askpass
 from .locks import Lock, stale
 from .results import ResultRow, append_result
 
@@ -316,19 +316,13 @@ class Sprinter:
         return notes
 
     def prune(self) -> tuple[list[Path], list[Path]]:
-        from .gitops import Git
+        """Old workspaces, logs and trajectories go; unpushed or running work stays.
 
-        def unpushed(repo_dir: Path) -> int:
-            return Git(cwd=repo_dir, askpass=write_askpass(self.cfg.state_path), env=self.env).unpushed()
+        Returns (removed, kept)."""
+        from .house import cleanup
 
-        cutoff = self.cfg.sprint.keep_days * 86400
-        removed, kept = prune(self.workspaces, older_than_s=cutoff, now=self.clock(), has_unpushed=unpushed)
-        for d in (self.trajectories, self.cfg.state_path / "logs"):
-            for f in d.glob("*") if d.is_dir() else ():
-                if f.is_file() and self.clock() - f.stat().st_mtime > cutoff:
-                    f.unlink(missing_ok=True)
-                    removed.append(f)
-        return removed, kept
+        done = cleanup(self.cfg.state_path, self.cfg.house.keep_days, now=self.clock(), env=dict(self.env))
+        return done.removed, done.kept_unpushed + done.kept_live
 
 
 def _with(out: SprintOutcome, **changes) -> SprintOutcome:
