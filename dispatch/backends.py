@@ -150,14 +150,24 @@ class CLIBackend:
         try:
             out, _ = proc.communicate(timeout=job.max_seconds)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill(proc)
             return BackendResult(self.name, "timeout", job.model,
                                  error=f"{argv[0]} ran past {job.max_seconds:.0f}s and was stopped")
+        except BaseException:
+            _kill(proc)  # an interrupted sprint must not leave the agent working unwatched
+            raise
         if proc.returncode != 0:
             return BackendResult(self.name, "error", job.model, final=out[-2000:],
                                  error=f"{argv[0]} exited {proc.returncode}: {out.strip()[-300:]}")
         return BackendResult(self.name, "finished", job.model, steps=1, final=out[-2000:])
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 class DirectBackend:

@@ -82,6 +82,8 @@ def evaluate(
         if r.pr_url and pr_start <= r.timestamp <= now:
             prs.add(pr_ref(r.pr_url))
     changed: dict[str, datetime] = {}  # agent -> when it last changed state
+    house: dict[str, str] = {}  # check -> latest warning within the collector window
+    house_since = now - timedelta(hours=t.collector_critical_hours)
     for ev in events:
         ts, kind = parse_ts(ev.get("ts")), str(ev.get("kind", ""))
         if ts is None:
@@ -90,6 +92,8 @@ def evaluate(
             prs.add(str(ev.get("subject", "")))
         elif kind.startswith("agent_") and ev.get("subject"):
             changed[ev["subject"]] = max(ts, changed.get(ev["subject"], ts))
+        elif kind == "house_warning" and house_since <= ts <= now:
+            house[str(ev.get("subject", "?"))] = f"{ev.get('value')} (limit {ev.get('threshold')})"
     snap = metrics_last or {}
     eligible = (snap.get("backlog") or {}).get("eligible")
     no_work = eligible == 0  # unknown (no snapshot) is not "no work"
@@ -100,6 +104,7 @@ def evaluate(
         _error_rate(attempted, failed, t),
         _collector(metrics_last, now, t),
         _probes(snap),
+        _house(house),
     )
     return HealthReport(max(LEVELS.index(c.level) for c in checks), checks)
 
@@ -165,6 +170,13 @@ def _collector(snap: dict | None, now: datetime, t: HealthThresholds) -> Check:
     hours = (now - ts).total_seconds() / 3600
     level = _level(hours, t.collector_warn_hours, t.collector_critical_hours)
     return Check("collector", level, f"last snapshot {_ago(hours)} ago")
+
+
+def _house(warnings: dict[str, str]) -> Check:
+    if not warnings:
+        return Check("house", "ok", "no disk, memory, load or model-server warning lately")
+    text = "; ".join(f"{k}: {v}" for k, v in sorted(warnings.items()))
+    return Check("house", "warn", f"machine thresholds crossed: {text[:200]}")
 
 
 def _probes(snap: dict) -> Check:

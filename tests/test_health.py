@@ -108,3 +108,17 @@ def test_failing_probe_warns_and_thresholds_are_configurable() -> None:
     assert "forge: 502 for GET /api/v1/repos/o/a" in next(c.reason for c in report.checks if c.name == "probes")
     strict = HealthThresholds(success_warn_hours=0.1, success_critical_hours=0.5)
     assert levels(evaluate(flowing, snapshot(), [], now=NOW, thresholds=strict))["last_success"] == "critical"
+
+
+def test_a_recent_house_warning_warns_and_an_old_one_does_not():
+    from datetime import UTC, datetime, timedelta
+
+    from dispatch.health import evaluate
+
+    now = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    recent = {"ts": (now - timedelta(minutes=10)).isoformat(), "kind": "house_warning",
+              "subject": "disk", "value": 2.5, "threshold": 5.0}
+    old = {**recent, "ts": (now - timedelta(hours=5)).isoformat()}
+    house = {c.name: c for c in evaluate([], None, [recent], now=now).checks}["house"]
+    assert house.level == "warn" and "disk: 2.5 (limit 5.0)" in house.reason
+    assert {c.name: c for c in evaluate([], None, [old], now=now).checks}["house"].level == "ok"
