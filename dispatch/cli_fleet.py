@@ -72,13 +72,19 @@ def watchdog(
     panes = pane_activity(_last_snapshot(cfg))
     health = assess(obs, cfg.agents, wcfg, now, panes)
     decisions = decide(obs, cfg.agents, wcfg, now, panes)
+    from .cycle import KIND
+    from .policy import decide as policy_decide
+
+    # only what the policy lets the fleet do alone; `dispatch cycle --mode sovereign` asks for the rest
+    held = [d for d in decisions if policy_decide(KIND[d.action], cfg.policy).verdict != "allow"]
+    decisions = [d for d in decisions if d not in held]
+    for d in held:
+        err(f"not done, the policy does not allow {d.action} alone: {d.ref} ({d.reason})")
     actions = [] if dry_run else apply(client, decisions, cfg)
 
     server = drift.server_models(cfg.llm.base_url) if wcfg.expected_models else None
     drifted = drift.check(wcfg.expected_models, server, wcfg.agent_configs)
     if fix and not dry_run:
-        from .policy import decide as policy_decide
-
         verdict = policy_decide("fix_drift", cfg.policy)
         if verdict.verdict != "allow":
             err(f"--fix: the policy does not let the fleet fix drift alone ({verdict.reason}); "

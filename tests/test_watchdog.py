@@ -319,9 +319,15 @@ def test_watchdog_cli_fix_corrects_a_drifted_agent_file(gitea, model_server, tmp
     r = CliRunner().invoke(app, ["--config", str(cfg), "watchdog", "--json"])
     assert r.exit_code == 1 and json.loads(r.stdout)["drift"][0]["found"] == "qwen3:8b"
     assert agent_file.read_text() == AGENT_YAML
+    # the default policy wants approval for fix_drift: --fix refuses and says so
+    r = CliRunner().invoke(app, ["--config", str(cfg), "watchdog", "--fix", "--json"])
+    assert json.loads(r.stdout)["drift"][0]["fixed"] is False and "fix_drift" in r.stderr
+    assert agent_file.read_text() == AGENT_YAML
+    text = cfg.read_text() + "policy: {allow: [assign, reroute, nudge, label, comment, fix_drift]}\n"
+    cfg.write_text(text)
     r = CliRunner().invoke(app, ["--config", str(cfg), "watchdog", "--fix", "--json"])
     [ev] = json.loads(r.stdout)["drift"]
     assert ev["fixed"] is True and drift.read_file_model(AgentFile(str(agent_file), "model.default")) == "qwen3:14b"
     assert Path(ev["backup"]).read_text() == AGENT_YAML
     rows = (tmp_path / "state" / "telemetry" / "events.jsonl").read_text().splitlines()
-    assert [json.loads(x).get("fixed") for x in rows if '"model_drift"' in x] == [None, True]
+    assert [json.loads(x).get("fixed") for x in rows if '"model_drift"' in x] == [None, False, True]
