@@ -52,6 +52,8 @@ def release(client: ForgeClient, repo: str, number: int, *, run_id: str, label: 
             note: str) -> None:
     """Drop our claim: a release marker (with what happened) and the label removed."""
     client.create_comment(repo, number, f"<!-- dispatch:release run={run_id} -->\n{note}")
-    labels = [lb for lb in client.list_labels(repo) if lb.name == label]
-    if labels:
-        client.remove_label(repo, number, labels[0].id)
+    # every label of that name: two hosts claiming a repo's first issue at once can each create
+    # one, and a claim label left behind would keep the issue out of triage for good
+    for lb in client.list_labels(repo):
+        if lb.name == label:
+            client.remove_label(repo, number, lb.id)

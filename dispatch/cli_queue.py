@@ -15,7 +15,8 @@ import typer
 from .cli import _console, _escape, _state, app, command, err, parse_ref
 
 queue_app = typer.Typer(help="Inspect the job queue: status, dead letters, retry.", no_args_is_help=True,
-                        rich_markup_mode=None)
+                        epilog="Example: dispatch queue status\n\nExample: dispatch queue failed && "
+                               "dispatch queue retry --all", rich_markup_mode=None)
 app.add_typer(queue_app, name="queue")
 
 

@@ -286,13 +286,13 @@ class JobContext:
                         heartbeat_timeout_ms=_ms(q.heartbeat_timeout_s)) as got:
             if not got:
                 return self.later(message, f"{ref} is being worked by another job")
-            key = META + "attempt:" + ref
-            previous = r.set(key, json.dumps(attempt), px=_ms(q.lock_ttl_minutes * 60), get=True)
+            key, mine = META + "attempt:" + ref, json.dumps(attempt)
+            previous = r.set(key, mine, px=_ms(q.lock_ttl_minutes * 60), get=True)
             try:
                 cfg = replace(self.cfg, sprint=replace(self.cfg.sprint, agent=agent))
                 out, status = self.runner(cfg, repo, issue, json.loads(previous) if previous else None)
             finally:
-                r.delete(key)  # only a killed attempt leaves its record behind
+                _delete_if(r, key, mine)  # only a killed attempt leaves its record behind
         log.info("job %s %s: %s %s", attempt["message_id"], ref, out.outcome, out.error)
         if out.outcome == "nothing_to_do" and " is locked" in out.error:
             return self.later(message, out.error)  # this host's crash recovery holds it right now
@@ -308,6 +308,14 @@ class JobContext:
         log.info("%s; trying again in %.1f s", why, delay)
         if message is not None:
             self.broker.enqueue(message.copy(options={"busy": busy + 1}), delay=_ms(delay))
+
+
+_BREAK = """if redis.call('get', KEYS[2]) == ARGV[1] then
+  redis.call('del', KEYS[1], KEYS[2]) return 1 end return 0"""
+
+
+def _delete_if(r, key: str, value: str) -> None:
+    r.eval("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end", 1, key, value)
 
 
 @contextmanager
@@ -331,14 +339,6 @@ def issue_lock(r, ref: str, *, ttl_ms: int, owner: dict, heartbeat_timeout_ms: i
         finally:
             if got:
                 _delete_if(r, owner_key, mine)
-
-
-_BREAK = """if redis.call('get', KEYS[2]) == ARGV[1] then
-  redis.call('del', KEYS[1], KEYS[2]) return 1 end return 0"""
-
-
-def _delete_if(r, key: str, value: str) -> None:
-    r.eval("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end", 1, key, value)
 
 
 def _break_dead_lock(r, key: str, owner_key: str, heartbeat_timeout_ms: int) -> bool:
@@ -398,8 +398,8 @@ def run_worker(cfg: Config, agents: list[str], *, threads: int = 1, runner: Runn
     names = [a.name for a in cfg.agents]
     unknown = [a for a in agents if a not in names]
     if unknown or not agents:
-        raise ConfigError(f"{cfg.source or 'config'}: agents: {'no agent named ' + repr(unknown[0]) if unknown else 'no agents configured'}"
-                          f" (have {', '.join(names) or 'none'})")
+        what = f"no agent named {unknown[0]!r}" if unknown else "no agents configured"
+        raise ConfigError(f"{cfg.source or 'config'}: agents: {what} (have {', '.join(names) or 'none'})")
     if runner is None:
         cfg.gitea_token()  # fail at start, not on the first job, when this host has no token
     client = redis_client(cfg)
@@ -438,7 +438,6 @@ def run_worker(cfg: Config, agents: list[str], *, threads: int = 1, runner: Runn
             pass
     finally:
         worker.stop(timeout=_ms(grace_s))
-        broker.emit_before("process_stop")
         try:
             client.hdel(META + "workers", broker.broker_id)
         except Exception:  # Redis gone: status shows this worker dead once its heartbeat lapses

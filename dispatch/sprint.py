@@ -298,16 +298,23 @@ class Sprinter:
             except LockHeld:
                 continue  # another run is recovering it right now
             try:
-                if repo and number:
-                    msg = (f"dispatch run `{info.run_id}` died (pid {info.pid} is gone); "
-                           "claim released so the issue can be picked again.")
-                    claims.release(self.client, repo, int(number), run_id=info.run_id,
-                                   label=self.cfg.triage.claim_label, note=msg)
-                    append_result(self.results, ResultRow(
-                        timestamp=datetime.fromtimestamp(self.clock(), UTC), run_id=info.run_id,
-                        repo=repo, issue=int(number), agent=str(info.data.get("agent", "")),
-                        outcome="failed", duration_s=round(self.clock() - info.started, 3),
-                        error=f"crashed: process {info.pid} died holding the lock"))
+                if lock.previous is None or lock.previous.run_id != info.run_id:
+                    continue  # another run recovered it between our look and our lock
+                held = claims.active_claim(self.client.list_comments(repo, int(number))) if (
+                    repo and number) else None
+                if held is None or held.run_id != info.run_id:
+                    # it died after releasing its claim (or never got one): nothing to undo
+                    notes.append(f"removed the lock file of dead run {info.run_id} ({info.key})")
+                    continue
+                msg = (f"dispatch run `{info.run_id}` died (pid {info.pid} is gone); "
+                       "claim released so the issue can be picked again.")
+                claims.release(self.client, repo, int(number), run_id=info.run_id,
+                               label=self.cfg.triage.claim_label, note=msg)
+                append_result(self.results, ResultRow(
+                    timestamp=datetime.fromtimestamp(self.clock(), UTC), run_id=info.run_id,
+                    repo=repo, issue=int(number), agent=str(info.data.get("agent", "")),
+                    outcome="failed", duration_s=round(self.clock() - info.started, 3),
+                    error=f"crashed: process {info.pid} died holding the lock"))
                 notes.append(f"took over the stale lock of dead run {info.run_id} ({info.key})")
             except DispatchError as e:
                 notes.append(f"stale lock {info.key}: could not release its claim: {e}")

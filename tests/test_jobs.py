@@ -18,7 +18,14 @@ from typer.testing import CliRunner
 from dispatch.cli import app
 from dispatch.config import load_config
 from dispatch.forge import ForgeClient
-from dispatch.jobs import QueueConfig, check, enqueue_sprint, is_transient, queue_status, redis_client
+from dispatch.jobs import (
+    QueueConfig,
+    check,
+    enqueue_sprint,
+    is_transient,
+    queue_status,
+    redis_client,
+)
 from tests.emulator.fixtures import write_config
 from tests.emulator.model_server import call, say
 
@@ -55,7 +62,7 @@ def invoke(cfg: Path, *args: str):
 
 def spawn(tmp_path: Path, cfg: Path, *args: str, name: str = "worker", code: str = CLI) -> subprocess.Popen:
     log = (tmp_path / f"{name}-{time.monotonic_ns()}.log").open("wb")
-    argv = [sys.executable, "-c", code, *args] if code != CLI else [sys.executable, "-c", code, "--config", str(cfg), *args]
+    argv = [sys.executable, "-c", code, *args] if code != CLI else [sys.executable, "-c", code, "-v", "--config", str(cfg), *args]
     return subprocess.Popen(argv, env={**os.environ, "DISPATCH_CONFIG": str(cfg)}, stdout=log, stderr=log,
                             cwd=Path(__file__).resolve().parent.parent)
 
