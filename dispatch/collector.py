@@ -95,6 +95,8 @@ def collect(cfg: Config, *, client: ForgeClient | None, runner: Runner = subproc
     watched = cfg.collector.processes or cfg.collector.pid_files
     if watched and (found := probe("processes", _processes, cfg, proc)) is not None:
         row["processes"] = found
+    if cfg.queue.url and (queue := probe("queue", _queue, cfg)) is not None:
+        row["queue"] = queue
     model = row["model_server"] = _model_server(cfg, env)
     probes["model_server"] = model.pop("error", "ok")
     state["model_server"] = {"up": model["up"], "url": model["url"]}
@@ -104,6 +106,20 @@ def collect(cfg: Config, *, client: ForgeClient | None, runner: Runner = subproc
 
 
 # ---- probes ----------------------------------------------------------------------------------
+
+
+def _queue(cfg: Config) -> dict:
+    """Depth per agent queue, worker liveness per host, dead letters (only with queue.url)."""
+    from .jobs import failed_jobs, queue_status
+
+    st = queue_status(cfg)
+    return {
+        "queues": {q.queue: {"queued": q.queued, "delayed": q.delayed, "running": q.running,
+                             "failed": q.failed} for q in st.queues},
+        "workers": [{"host": w.host, "pid": w.pid, "agents": list(w.agents), "alive": w.alive,
+                     "last_seen_s": round(w.last_seen_s, 1)} for w in st.workers],
+        "dead_letters": len(failed_jobs(cfg)),
+    }
 
 
 def _run(argv: list[str], runner: Runner, env: Mapping[str, str]) -> subprocess.CompletedProcess:

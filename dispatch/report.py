@@ -94,6 +94,7 @@ class Report:
     snapshots: int
     probe_errors: dict[str, int]  # probe -> snapshots in which it failed
     sources: tuple[SourceStats, ...]
+    queue: dict | None = None  # the last snapshot's job queue section (only with queue.url)
 
     @property
     def attempted(self) -> int:
@@ -169,6 +170,7 @@ class _Tally:
         self.first_backlog: tuple | None = None
         self.bucket_s = max((until - since).total_seconds() / BACKLOG_POINTS, 60.0)
         self.prev: tuple[datetime, dict] | None = None
+        self.queue: dict | None = None
 
     def _in(self, ts: datetime | None) -> bool:
         return ts is not None and self.since <= ts < self.until
@@ -222,6 +224,8 @@ class _Tally:
         for probe, status in (row.get("probes") or {}).items():
             if status != "ok":
                 self.probe_errors[_key(self.probe_errors, probe)] += 1
+        if isinstance(row.get("queue"), dict):
+            self.queue = row["queue"]
         backlog = row.get("backlog")
         if isinstance(backlog, dict):
             point = (ts, int(backlog.get("open") or 0), int(backlog.get("eligible") or 0))
@@ -256,6 +260,7 @@ class _Tally:
             timeline=tuple(TimelineEvent(*t) for t in self.timeline), events_total=self.events, snapshots=self.snapshots,
             probe_errors=dict(sorted(self.probe_errors.items())),
             sources=tuple(SourceStats(n, s.rows, s.torn, s.corrupt) for n, s in (read_stats or {}).items()),
+            queue=self.queue,
         )
 
     def _backlog(self) -> tuple[BacklogPoint, ...]:

@@ -60,10 +60,22 @@ def headlines(r: Report) -> list[tuple[str, str]]:
                                  f"({r.snapshots} snapshots)"))
     else:
         lines.append(("Backlog", "no snapshots in the window"))
+    if r.queue:
+        lines.append(("Queue", queue_line(r.queue)))
     if r.probe_errors:
         lines.append(("Probes failing", ", ".join(f"{k} ×{n}" for k, n in r.probe_errors.items())))
     lines.append(("Telemetry", f"{r.torn} torn and {r.corrupt} corrupt lines skipped"))
     return lines
+
+
+def queue_line(q: dict) -> str:
+    depth = q.get("queues") or {}
+    queued = sum(int(v.get("queued", 0)) for v in depth.values())
+    delayed = sum(int(v.get("delayed", 0)) for v in depth.values())
+    workers = q.get("workers") or []
+    hosts = ", ".join(sorted(f"{w.get('host')} {'alive' if w.get('alive') else 'silent'}" for w in workers))
+    return (f"{queued} queued, {delayed} delayed, {q.get('dead_letters', 0)} dead letters; "
+            f"{len(workers)} workers ({hosts or 'none'})")
 
 
 def agent_cells(a: AgentStats) -> list[str]:

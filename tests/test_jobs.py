@@ -417,3 +417,28 @@ def test_twenty_sprints_two_workers_one_killed(gitea, redis_server, model_server
     assert finished["run_id"] != killed["run_id"]
     assert queue_status(cfg).queues[0].failed == 0
     assert canary.encode() not in redis_dump(cfg)
+
+
+@pytest.mark.redis
+def test_collector_and_report_show_queue_depth_workers_and_dead_letters(gitea, redis_server, tmp_path, canary):
+    from datetime import UTC, datetime, timedelta
+
+    from dispatch.cli_report import load_report
+    from dispatch.collector import run_collector
+    from dispatch.report_html import render_markdown
+
+    gitea.add_repo(REPO, git=True)
+    a, b = gitea.add_issue(REPO, "One"), gitea.add_issue(REPO, "Two")
+    cfg = load_config(config(tmp_path, gitea, redis_server))
+    enqueue_sprint(cfg, REPO, a, "claude")
+    enqueue_sprint(cfg, REPO, b, "kimi")
+    run_collector(cfg, client=ForgeClient(gitea.url, canary, retries=0))
+    rows = (tmp_path / "state" / "telemetry" / "metrics.jsonl").read_text().splitlines()
+    snap = json.loads(rows[-1])
+    assert snap["probes"]["queue"] == "ok"
+    assert snap["queue"]["queues"]["sprints.claude"]["queued"] == 1
+    assert snap["queue"]["queues"]["sprints.kimi"]["queued"] == 1
+    assert snap["queue"]["dead_letters"] == 0 and snap["queue"]["workers"] == []
+    now = datetime.now(UTC)
+    md = render_markdown(load_report(tmp_path / "state", now - timedelta(hours=1), now + timedelta(minutes=1)))
+    assert "**Queue:** 2 queued, 0 delayed, 0 dead letters; 0 workers (none)" in md
