@@ -81,19 +81,25 @@ def err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def handle_errors(fn: Callable) -> Callable:
+    """Turn a DispatchError into one stderr line and its exit code (for any typer command)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        try:
+            return fn(*a, **k)
+        except DispatchError as e:
+            err(f"{type(e).__name__}: {e}")
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
 def command(*args: Any, **kwargs: Any) -> Callable:
-    """`app.command` that turns a DispatchError into one stderr line and its exit code."""
+    """`app.command` with `handle_errors`."""
 
     def deco(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **k: Any) -> Any:
-            try:
-                return fn(*a, **k)
-            except DispatchError as e:
-                err(f"{type(e).__name__}: {e}")
-                raise typer.Exit(e.exit_code) from None
-
-        return app.command(*args, **kwargs)(wrapper)
+        return app.command(*args, **kwargs)(handle_errors(fn))
 
     return deco
 

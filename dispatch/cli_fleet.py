@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from .cli import _state, app, command, err
-from .errors import DispatchError
+from .cli import _state, app, command, err, handle_errors
 
 
 def _append_events(cfg, rows: list[dict]) -> None:
@@ -157,20 +154,8 @@ tmux_app = typer.Typer(help="The tmux session holding one worker loop per agent.
 app.add_typer(tmux_app, name="tmux")
 
 
-def _tmux_command(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*a: Any, **k: Any) -> Any:
-        try:
-            return fn(*a, **k)
-        except DispatchError as e:
-            err(f"{type(e).__name__}: {e}")
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
-
-
 @tmux_app.command("up", epilog="Example (crontab): @reboot dispatch tmux up")
-@_tmux_command
+@handle_errors
 def tmux_up_cmd(
     ctx: typer.Context,
     session: Annotated[str | None, typer.Option("--session", "-s", help="Session name (default: loop.tmux_session).")] = None,

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import _console, _escape, _state, app, command, err, parse_ref
+from .cli import _console, _escape, _state, app, command, err, handle_errors, parse_ref
 
 queue_app = typer.Typer(help="Inspect the job queue: status, dead letters, retry.", no_args_is_help=True,
                         epilog="Example: dispatch queue status\n\nExample: dispatch queue failed && "
@@ -21,23 +21,8 @@ app.add_typer(queue_app, name="queue")
 
 
 def _queue_command(*args, **kwargs):
-    """`command` (DispatchError -> one line + exit code) for the `queue` sub-app."""
-    import functools
-
-    from .errors import DispatchError
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            try:
-                return fn(*a, **k)
-            except DispatchError as e:
-                err(f"{type(e).__name__}: {e}")
-                raise typer.Exit(e.exit_code) from None
-
-        return queue_app.command(*args, **kwargs)(wrapper)
-
-    return deco
+    """`command` for the `queue` sub-app."""
+    return lambda fn: queue_app.command(*args, **kwargs)(handle_errors(fn))
 
 
 @command(epilog="Example: dispatch worker --agent kimi --threads 2\n\n"
