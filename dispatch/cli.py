@@ -5,11 +5,9 @@ model error, a failed sprint), 2 usage or config error. Heavy imports (requests,
 happen inside the commands, so `dispatch --help` costs little more than importing typer.
 """
 
-from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -33,7 +31,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-log = logging.getLogger("dispatch")
 
 
 class State:
@@ -118,6 +115,20 @@ def main_options(
 
 
 def _setup_logging(verbose: int) -> None:
+    import logging  # here, not at import: `dispatch --help` never needs it
+
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever sys.stderr is now, so a second in-process invocation (tests,
+        embedding) does not log into the first one's closed stream."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     level = logging.WARNING - 10 * min(verbose, 2)
     root = logging.getLogger("dispatch")
     root.setLevel(level)
@@ -128,22 +139,9 @@ def _setup_logging(verbose: int) -> None:
 
         handler: logging.Handler = RichHandler(show_path=False)
     else:
-        handler = _StderrHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now, so a second in-process invocation (tests,
-    embedding) does not log into the first one's closed stream."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
 
 
 def _console(stderr: bool = False):
@@ -431,7 +429,10 @@ def run_cmd(
                             error="no eligible issue")
     removed, kept = sprinter.prune()
     if removed or kept:
-        log.info("pruned %d old files/workspaces; kept %d with unpushed work", len(removed), len(kept))
+        import logging
+
+        logging.getLogger("dispatch").info(
+            "pruned %d old files/workspaces; kept %d with unpushed work", len(removed), len(kept))
     _report_sprint(out, as_json)
 
 

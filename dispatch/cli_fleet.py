@@ -1,6 +1,5 @@
 """CLI commands for the fleet: watchdog, loop, tmux up (registered on dispatch.cli.app)."""
 
-from __future__ import annotations
 
 import json
 import os

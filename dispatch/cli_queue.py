@@ -4,7 +4,6 @@ All of them need `queue.url` in the config; without it they exit 2 and say so, a
 in dispatch changes (sprints run in-process through `dispatch run`).
 """
 
-from __future__ import annotations
 
 import json
 import time

@@ -1,6 +1,5 @@
 """CLI commands for telemetry: collect, report, health (registered on dispatch.cli.app)."""
 
-from __future__ import annotations
 
 import json
 import re

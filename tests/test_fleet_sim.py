@@ -35,8 +35,8 @@ def test_every_resolved_issue_is_resolved_once_and_never_worked_after(runs, worl
     # the log holds finished attempts; at most one per agent is still running at the end
     assert len(rep.log) <= rep.attempts <= len(rep.log) + len(world.agents)
     done = {row[0]: row[4] for row in rep.log if row[5] == "merged"}
-    for issue, _agent_, _kind, start, _end, _outcome in rep.log:
-        assert start < done.get(issue, 10**9), f"#{issue} worked on after it was resolved"
+    for row in rep.log:
+        assert row[3] < done.get(row[0], 10**9), f"#{row[0]} worked on after it was resolved"
     by_issue, by_agent = defaultdict(list), defaultdict(list)
     for issue, agent, _kind, start, end, _outcome in rep.log:
         by_issue[issue].append((start, end))
