@@ -6,8 +6,8 @@ Each policy runs against the same world and seed. The agents' declared strengths
 their true per-kind success rates, speeds and stuck rates are hidden from the policies.
 - naive: the first eligible issue by number, to idle agents in round-robin order;
 - simple: `triage.triage` ranking and routes (declared strengths), assigned by `watchdog.decide`;
-- intelligent: the same, re-routed by `routing.route_learned` from a real `Ledger` that starts
-  empty and records every attempt of this run (as `cycle._learned` does).
+- intelligent: the same, routed by `routing.Learned` (re-routes, idle picks) from a real `Ledger` that starts
+  empty and records every attempt of this run (as `dispatch cycle --mode intelligent` does).
 Stuck detection is the real `watchdog.decide` for every policy: nudge, then release + re-route.
 """
 
@@ -31,7 +31,7 @@ from dispatch.forge import Issue  # noqa: E402
 from dispatch.ledger import Ledger, issue_kind  # noqa: E402
 from dispatch.loop import LoopConfig  # noqa: E402
 from dispatch.results import ResultRow  # noqa: E402
-from dispatch.routing import route_learned  # noqa: E402
+from dispatch.routing import Learned  # noqa: E402
 from dispatch.triage import classify, dependencies, ready_label, triage  # noqa: E402
 from dispatch.watchdog import Observation, Watch, WatchdogConfig, decide  # noqa: E402
 
@@ -209,6 +209,7 @@ def _run(world: World, policy: str, seed: int, cycles: int, ledger: Ledger) -> R
     fails: dict[int, int] = {}  # failures in a row per issue
     resting: dict[int, datetime] = {}  # issue -> until when nobody takes it
     rates, rates_stale, rr = {}, True, 0
+    learned: Learned | None = None
 
     def start(agent: SimAgent, num: int, c: int, now: datetime) -> None:
         issue = by_num[num]
@@ -272,14 +273,16 @@ def _run(world: World, policy: str, seed: int, cycles: int, ledger: Ledger) -> R
             if policy == "intelligent":
                 if rates_stale:
                     rates, rates_stale = ledger.success_rates(30, now=now.timestamp()), False
-                ranked = tuple(replace(r, route=route_learned(r.issue, configs, {}, rates))
-                               for r in ranked)
+                    learned = Learned(rates)
+                ranked = tuple(replace(r, route=learned.route(r.issue, configs)) for r in ranked)
         watches = tuple(Watch(a.issue, Claim(a.run_id, name, 0), a.started, a.last_activity,
                               a.nudged) for name, a in active.items())
         obs = Observation(watches, ranked, {n: tuple(f"{REPO}#{i}" for i in q)
                                             for n, q in queued.items()})
         # 3. decide with the real watchdog, then carry out
-        for d in decide(obs, configs, WATCH, now):
+        smart = policy == "intelligent" and learned is not None
+        for d in decide(obs, configs, WATCH, now, router=learned.route if smart else None,
+                        pick=learned.pick if smart else None):
             if d.action in ("nudge", "release"):
                 a = active[d.agent]
                 late = (now - a.last_activity) / CYCLE  # cycles of silence so far

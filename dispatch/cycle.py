@@ -81,10 +81,15 @@ def run_cycle(
     ledger.import_results(results_csv, kind_of=lambda row: kinds.get(f"{row.repo}#{row.issue}", "other"))
     agents, held_back = _available(cfg, ledger, now)
     events = [{"kind": "quota_exhausted", "subject": name, "reason": why} for name, why in held_back.items()]
+    learned = None
     if mode == "intelligent":
-        obs = _learned(obs, agents, ledger)
+        from .routing import Learned
 
-    decisions = watchdog.decide(obs, agents, cfg.watchdog, now)
+        learned = Learned(ledger.success_rates(30))
+        obs = replace(obs, ranked=tuple(replace(r, route=learned.route(r.issue, agents))
+                                        for r in obs.ranked))
+    decisions = watchdog.decide(obs, agents, cfg.watchdog, now,
+                                router=learned and learned.route, pick=learned and learned.pick)
     journal = Journal(state / "journal.sqlite")
     approved = _approved(client, cfg) if mode == "sovereign" else set()
     waiting: list[tuple[Action, watchdog.Decision]] = []
@@ -123,15 +128,6 @@ def _available(cfg: Config, ledger: Ledger, now: datetime):
 
     names, reasons = available_agents(cfg.agents, ledger, cfg.quotas, now)
     return [a for a in cfg.agents if a.name in names], reasons
-
-
-def _learned(obs: watchdog.Observation, agents, ledger: Ledger) -> watchdog.Observation:
-    """Re-route every ranked issue by measured success rates (intelligent mode)."""
-    from .routing import route_learned
-
-    rates = ledger.success_rates(30)
-    ranked = tuple(replace(r, route=route_learned(r.issue, agents, {}, rates)) for r in obs.ranked)
-    return replace(obs, ranked=ranked)
 
 
 def _carry_out(client, cfg, journal: Journal, action: Action, d, run_sprint, events) -> str:

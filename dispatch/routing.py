@@ -15,12 +15,15 @@ from .ledger import Rate, issue_kind
 from .triage import Route, issue_words, route, strength_fit
 
 MIN_ATTEMPTS = 3  # fewer attempts than this on a kind say too little to trust
+OPTIMISM = 0.7  # what a short record is assumed worth: one early failure must not end exploration
+FLOOR = 0.15  # an idle agent whose best expected success is below this stays idle
 
 
 def expected_success(rate: Rate | None) -> float:
-    """Merged / attempts, pulled toward 1/2 while the record is short (Laplace smoothing)."""
-    if rate is None:
-        return 0.5
+    """Merged / attempts with Laplace smoothing; a record shorter than MIN_ATTEMPTS is given
+    the benefit of the doubt, so every agent keeps being tried on a kind until it is known."""
+    if rate is None or rate.attempts < MIN_ATTEMPTS:
+        return max(OPTIMISM, (rate.merged + 1) / (rate.attempts + 2)) if rate else OPTIMISM
     return (rate.merged + 1) / (rate.attempts + 2)
 
 
@@ -50,7 +53,7 @@ def route_learned(
         if best is None or key < best[0]:
             best = (key, agent, p)
     _, agent, p = best
-    reasons = []
+    reasons: list[str] = []
     for a in free:
         r = rates.get((a.name, kind))
         if r and r.attempts:
@@ -58,3 +61,25 @@ def route_learned(
                            f"({r.success_rate:.0%}), mean {r.mean_duration_s / 60:.0f} min")
     reasons.append(f"{agent.name} has the best expected success on {kind} issues ({p:.0%})")
     return Route(agent.name, tuple(reasons))
+
+
+class Learned:
+    """The routing choices of `intelligent` mode, for `watchdog.decide`: who takes a re-routed
+    issue (`route`) and which free issue an idle agent takes when none is routed to it (`pick`)."""
+
+    def __init__(self, rates: Mapping[tuple[str, str], Rate]) -> None:
+        self.rates = rates
+
+    def route(self, issue: Issue, agents: list[AgentConfig], load: Mapping[str, int] | None = None) -> Route:
+        return route_learned(issue, agents, load, self.rates)
+
+    def pick(self, agent: AgentConfig, free: list) -> object | None:
+        """The free ranked issue of the kind this agent does best on, highest-ranked first;
+        None when it is unlikely to succeed at any of them (an attempt costs, a wait does not)."""
+        best, best_key = None, None
+        for index, item in enumerate(free):
+            p = expected_success(self.rates.get((agent.name, issue_kind(item.issue.labels, item.issue.title))))
+            key = (-round(p, 1), index)
+            if p >= FLOOR and (best_key is None or key < best_key):
+                best, best_key = item, key
+        return best

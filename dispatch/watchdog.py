@@ -143,9 +143,18 @@ def assess(obs: Observation, agents: list[AgentConfig], cfg: WatchdogConfig, now
 
 
 def decide(obs: Observation, agents: list[AgentConfig], cfg: WatchdogConfig, now: datetime,
-           pane_activity: Mapping[str, datetime] | None = None) -> list[Decision]:
-    """What to do now, with reasons; stuck claims first, so re-routed work counts as queued."""
-    from .triage import ready_label, route
+           pane_activity: Mapping[str, datetime] | None = None, *,
+           router: Callable | None = None, pick: Callable | None = None) -> list[Decision]:
+    """What to do now, with reasons; stuck claims first, so re-routed work counts as queued.
+
+    `router(issue, agents, load) -> Route` re-routes released work (default: declared strengths);
+    `pick(agent, free) -> Ranked | None` chooses for an idle agent that nothing was routed to
+    (default: the top-ranked free issue). `routing.Learned` supplies both in intelligent mode.
+    """
+    from .triage import ready_label
+    from .triage import route as by_strength
+
+    route = router or by_strength
 
     pane = pane_activity or {}
     decisions: list[Decision] = []
@@ -182,16 +191,20 @@ def decide(obs: Observation, agents: list[AgentConfig], cfg: WatchdogConfig, now
     idle = [a for a in agents if a.name not in busy and a.max_concurrent > 0]
     for fits_only in (True, False) if cfg.idle_takes_any else (True,):
         for a in list(idle):
-            pick = next((r for r in free if r.route.agent == a.name or not fits_only), None)
-            if pick is None:
+            if fits_only:
+                choice = next((r for r in free if r.route.agent == a.name), None)
+            else:
+                choice = pick(a, free) if pick else (free[0] if free else None)
+            if choice is None:
                 continue
-            free.remove(pick)
+            free.remove(choice)
             idle.remove(a)
-            why = (f"{a.name} is idle; " + "; ".join(pick.route.reasons[-1:]) if fits_only
-                   else f"{a.name} is idle and no open issue fits it better; top-ranked unrouted")
+            why = (f"{a.name} is idle; " + "; ".join(choice.route.reasons[-1:]) if fits_only
+                   else f"{a.name} is idle and nothing was routed to it; "
+                        + ("the free issue it is likeliest to finish" if pick else "top-ranked unrouted"))
             decisions.append(Decision("sprint" if a.kind == "direct" else "assign", a.name,
-                                      pick.issue.repo, pick.issue.number,
-                                      f"{why} (score {pick.score.value:g})"))
+                                      choice.issue.repo, choice.issue.number,
+                                      f"{why} (score {choice.score.value:g})"))
     return decisions
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dispatch.config import AgentConfig
 from dispatch.forge import Issue
 from dispatch.ledger import Rate
-from dispatch.routing import expected_success, route_learned
+from dispatch.routing import OPTIMISM, Learned, expected_success, route_learned
+from dispatch.triage import Ranked, Route, Score
 
 AGENTS = [AgentConfig(name="claude", strengths=["bug"], max_concurrent=2),
           AgentConfig(name="local", strengths=["docs"], max_concurrent=2)]
@@ -32,6 +33,24 @@ def test_capacity_still_applies():
     assert r.agent == "claude"
 
 
-def test_smoothing_distrusts_short_records():
-    assert expected_success(None) == 0.5
+def test_short_records_are_explored_long_ones_trusted():
+    assert expected_success(None) == OPTIMISM
+    # one early failure does not end exploration ...
+    assert expected_success(Rate(1, 0, 0.0, 0)) == OPTIMISM
+    # ... a known record decides, smoothed
+    assert expected_success(Rate(10, 1, 0.1, 0)) == 2 / 12
     assert expected_success(Rate(1, 1, 1.0, 0)) < expected_success(Rate(20, 18, 0.9, 0))
+
+
+def test_an_explored_agent_is_tried_again_after_one_failure():
+    rates = {("claude", "bug"): Rate(1, 0, 0.0, 60.0), ("local", "bug"): Rate(10, 5, 0.5, 60.0)}
+    assert route_learned(BUG, AGENTS, {}, rates).agent == "claude"
+
+
+def test_an_idle_agent_picks_the_kind_it_does_best_and_waits_when_hopeless():
+    docs = Issue(repo="o/r", number=2, title="Write the guide", labels=("docs",))
+    ranked = [Ranked(BUG, Score(10.0, ()), Route(None, ())), Ranked(docs, Score(5.0, ()), Route(None, ()))]
+    rates = {("local", "bug"): Rate(10, 0, 0.0, 60.0), ("local", "docs"): Rate(10, 8, 0.8, 60.0)}
+    assert Learned(rates).pick(AGENTS[1], ranked).issue is docs  # lower-ranked, but its kind
+    hopeless = {("local", "bug"): Rate(20, 0, 0.0, 60.0), ("local", "docs"): Rate(20, 0, 0.0, 60.0)}
+    assert Learned(hopeless).pick(AGENTS[1], ranked) is None
