@@ -68,16 +68,12 @@ class SprintJobFailed(DispatchError):
 
 
 def enabled(cfg: Config) -> bool:
-    return bool(_queue(cfg).url)
-
-
-def _queue(cfg: Config) -> QueueConfig:
-    return getattr(cfg, "queue", None) or QueueConfig()
+    return bool(cfg.queue.url)
 
 
 def check(cfg: Config) -> QueueConfig:
     """The queue section, validated; a ConfigError naming the key when it is unusable."""
-    q, src = _queue(cfg), cfg.source or "config"
+    q, src = cfg.queue, cfg.source or "config"
     if not q.url:
         raise ConfigError(f"{src}: queue.url: no broker configured; set it to redis://HOST:PORT/DB "
                           "to use workers (without it, sprints run in-process: `dispatch run`)")
@@ -274,7 +270,7 @@ class JobContext:
     def perform(self, repo: str, issue: int, agent: str) -> None:
         from dramatiq.middleware import CurrentMessage
 
-        q = _queue(self.cfg)
+        q = self.cfg.queue
         if agent not in [a.name for a in self.cfg.agents]:
             raise SprintJobFailed(f"agent {agent!r} is not configured on {self.host}", transient=False)
         message = CurrentMessage.get_current_message()
@@ -302,7 +298,7 @@ class JobContext:
 
     def later(self, message, why: str) -> None:
         """Put the job back with a delay without spending a retry: the issue is busy, not broken."""
-        q = _queue(self.cfg)
+        q = self.cfg.queue
         busy = int(message.options.get("busy", 0)) if message else 0
         delay = min(q.min_backoff_s * 2 ** min(busy, 16), q.max_backoff_s) * random.uniform(1, 1.5)
         log.info("%s; trying again in %.1f s", why, delay)
@@ -362,7 +358,7 @@ def _book_middleware(r, cfg: Config, host: str):
     """Middleware keeping what `queue status`/`queue failed` show: running jobs and last errors."""
     from dramatiq import Middleware
 
-    ttl = _ms(_queue(cfg).dead_letter_days * 86400)
+    ttl = _ms(cfg.queue.dead_letter_days * 86400)
 
     class JobBook(Middleware):
         def before_process_message(self, broker, message):
