@@ -88,6 +88,8 @@ class SprintConfig:
     )  # issues with these labels, or larger than strong_min_chars, get the strong model
     strong_min_chars: int = 2500
     push_partial: bool = True  # push the commits of a failed run to its branch so nothing is lost
+    sandbox: str = "auto"  # model commands in bubblewrap: auto (when installed), bwrap (required), off
+    sandbox_network: bool = True  # false cuts the network inside the sandbox too
     git_name: str = "dispatch"
     git_email: str = "dispatch@localhost"
 
@@ -284,6 +286,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: sprint.agent: {cfg.sprint.agent!r} is not one of agents[].name")
     check_policy(cfg.policy, src)
     check_quotas(cfg.quotas, names, src)
+    if cfg.sprint.sandbox not in ("auto", "bwrap", "off"):
+        raise ConfigError(f"{src}: sprint.sandbox: expected auto, bwrap or off, got {cfg.sprint.sandbox!r}")
     if cfg.report.post_mode not in ("comment", "daily_issue"):
         raise ConfigError(f"{src}: report.post_mode: expected comment or daily_issue")
     for model, price in cfg.llm.prices.items():

@@ -271,9 +271,22 @@ class Sprinter:
                            timeout=llm.timeout, prices=llm.prices)
 
     def _environment(self, job: Job):
-        from .tools import Workspace
+        from .tools import Workspace, find_sandbox
 
-        return Workspace(job.workspace, forge=self.client, repo=job.repo, env=self.env)
+        sp = self.cfg.sprint
+        sandbox = find_sandbox(sp.sandbox, self.secret_paths(), network=sp.sandbox_network)
+        return Workspace(job.workspace, forge=self.client, repo=job.repo, env=self.env, sandbox=sandbox)
+
+    def secret_paths(self) -> list[Path]:
+        """What the model's shell must not see: the state dir (other runs, the askpass helper),
+        the config and token files, and the operator's home."""
+        paths = [self.cfg.state_path, Path(os.path.expanduser("~"))]
+        if self.cfg.source:
+            paths.append(Path(self.cfg.source).parent)
+        for f in (self.cfg.gitea.token_file, self.cfg.llm.api_key_file):
+            if f:
+                paths.append(Path(os.path.expanduser(f)))
+        return [p for p in paths if p.exists() and p != Path("/")]
 
     def _budget(self, job: Job):
         from .agent import Budget

@@ -8,9 +8,11 @@ done before the call both come from that definition. A refused or failed call is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -23,6 +25,8 @@ from typing import Any
 from .agent import Observation, ToolCall
 from .errors import ForgeError
 from .forge import ForgeClient, split_repo
+
+log = logging.getLogger(__name__)
 
 _REQUIRED = object()
 
@@ -164,6 +168,51 @@ def scrubbed_env(source: Mapping[str, str], home: Path) -> dict[str, str]:
     return env
 
 
+# ---- the sandbox ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """bubblewrap around model-run commands. The model's shell runs as the same user as dispatch,
+    so without it `cat /proc/$PPID/environ` or the token file would hand it every secret: inside,
+    /proc is its own (a new pid namespace), /tmp is empty, `hide` (the state dir, the config and
+    token files, the operator's home) is masked, and only the workspace is writable."""
+
+    hide: tuple[Path, ...] = ()
+    network: bool = True  # tests often need a package index; set false to cut the network too
+    binary: str = "bwrap"
+
+    def wrap(self, argv: list[str], root: Path) -> list[str]:
+        out = [self.binary, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+               "--tmpfs", "/tmp", "--unshare-pid", "--die-with-parent", "--new-session"]
+        if not self.network:
+            out.append("--unshare-net")
+        for path in sorted({p.resolve() for p in self.hide}, key=lambda p: len(p.parts)):
+            if path.is_dir():
+                out += ["--tmpfs", str(path)]
+            elif path.exists():
+                out += ["--ro-bind", "/dev/null", str(path)]
+        return [*out, "--bind", str(root), str(root), "--chdir", str(root), *argv]
+
+
+def find_sandbox(mode: str, hide: list[Path], *, network: bool = True,
+                 which: Callable[[str], str | None] = shutil.which) -> Sandbox | None:
+    """`mode` auto: bwrap when installed, else none (with a warning); bwrap: required; off: none."""
+    if mode == "off":
+        return None
+    path = which("bwrap")
+    if path is None:
+        if mode == "bwrap":
+            from .errors import ConfigError
+
+            raise ConfigError("sprint.sandbox: bwrap is not installed (apt-get install bubblewrap), "
+                              "or set sandbox: off")
+        log.warning("bwrap not found: model commands run unsandboxed and could read this "
+                    "user's secrets; install bubblewrap (or set sprint.sandbox: off to silence this)")
+        return None
+    return Sandbox(tuple(hide), network, path)
+
+
 # ---- gitea_api policy ----------------------------------------------------------------------
 
 _METHODS = {"GET", "POST", "PATCH", "PUT"}
@@ -223,8 +272,10 @@ class Workspace:
         max_output: int = 20_000,
         max_file_bytes: int = 1_000_000,
         popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.root = Path(root).resolve()
+        self.sandbox = sandbox
         self.forge = forge
         self.repo = repo
         self.max_output = max_output
@@ -323,8 +374,11 @@ class Workspace:
 
     def run_command(self, command: str, timeout: int = 120) -> Observation:
         timeout = max(1, min(int(timeout), 3600))
+        argv = ["bash", "-c", command]
+        if self.sandbox is not None:
+            argv = self.sandbox.wrap(argv, self.root)
         proc = self.popen(
-            ["bash", "-c", command],
+            argv,
             cwd=self.root,
             env=self.env,
             stdin=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install dispatch into ./.venv (idempotent). With --system, also install the programs the tests
-# drive for real (git, tmux, chromium, redis-server) from Debian's packages when missing.
+# drive for real (git, tmux, chromium, redis-server, bubblewrap) from Debian's packages when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,7 @@ if [ "$need_system" = 1 ]; then
   command -v tmux >/dev/null || missing+=(tmux)
   command -v chromium >/dev/null || missing+=(chromium)
   command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v bwrap >/dev/null || missing+=(bubblewrap)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "setup: installing ${missing[*]} (apt-get)" >&2

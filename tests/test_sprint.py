@@ -285,3 +285,26 @@ def test_prune_keeps_unpushed_work(repo, model_server, tmp_path):
     removed, kept = sprinter.prune()
     assert pushed in removed and not pushed.exists()
     assert kept == [unpushed] and (clone / "local.txt").exists()
+
+
+def test_the_model_shell_cannot_read_secrets_in_the_sandbox(repo, model_server, tmp_path, canary, monkeypatch):
+    import shutil
+
+    if not shutil.which("bwrap"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("bwrap (bubblewrap) is missing in CI: scripts/setup.sh --system installs it")
+        pytest.skip("bwrap is not installed (apt-get install bubblewrap)")
+    monkeypatch.setenv("GITEA_TOKEN", canary)  # in dispatch's own environment, as with token_env
+    repo.add_issue(REPO, "Try to steal")
+    token_file = tmp_path / "gitea-token"
+    probe = (f"cat /proc/$PPID/environ /proc/1/environ 2>&1 | tr '\\0' '\\n'; cat {token_file} 2>&1; "
+             f"ls {tmp_path / 'state'} 2>&1; ls /proc | head -3")
+    server = model_server([call("run_command", command=probe), say("nothing to do")])
+    cfg = sprint_config(tmp_path, repo, server, sandbox="bwrap")
+    r = invoke(cfg, "sprint", "--repo", REPO, "--json")
+    assert json.loads(r.stdout)["outcome"] == "failed"  # it changed nothing
+    [seen] = [m["content"] for m in server.requests[-1]["messages"] if m["role"] == "tool"]
+    assert "exit code" in seen and canary not in seen
+    assert "gitea-token: Permission denied" in seen or "gitea-token: No such file" in seen  # masked
+    assert "results.csv" not in seen and "git-askpass.sh" not in seen  # the state dir is hidden
+    assert canary not in server.sent_text()
