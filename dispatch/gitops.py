@@ -61,6 +61,7 @@ class Git:
         env.update({
             "HOME": str(self.askpass.parent),  # no user ~/.gitconfig or credential store
             "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,  # not even a .gitconfig an agent may have left in HOME
             "GIT_TERMINAL_PROMPT": "0",
             "GIT_ASKPASS": str(self.askpass),
             "GIT_AUTHOR_NAME": self.author[0], "GIT_AUTHOR_EMAIL": self.author[1],
@@ -72,6 +73,9 @@ class Git:
         return env
 
     def run(self, *args: str, with_token: bool = False, check: bool = True, cwd: Path | None = None) -> str:
+        if with_token:
+            # put the helper back as it must be: an unsandboxed agent could have rewritten it
+            write_askpass(self.askpass.parent)
         try:
             proc = self.runner(
                 ["git", *HARDENING, *args], cwd=cwd or self.cwd, env=self._env(with_token),
