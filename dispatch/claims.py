@@ -11,6 +11,7 @@ import re
 import socket
 from dataclasses import dataclass
 
+from .errors import DispatchError
 from .forge import Comment, ForgeClient
 
 CLAIM_RE = re.compile(r"<!-- dispatch:claim run=(\S+) agent=(\S*) -->")
@@ -42,9 +43,20 @@ def claim(client: ForgeClient, repo: str, number: int, *, run_id: str, agent: st
     body = (f"<!-- dispatch:claim run={run_id} agent={agent} -->\n"
             f"Claimed by dispatch run `{run_id}` (agent {agent or '-'}, host {socket.gethostname()}).")
     client.create_comment(repo, number, body)
-    winner = active_claim(client.list_comments(repo, number))
-    if winner and winner.run_id == run_id:
-        client.add_labels(repo, number, [client.ensure_label(repo, label, "#d93f0b").id])
+    try:
+        winner = active_claim(client.list_comments(repo, number))
+        if winner and winner.run_id == run_id:
+            client.add_labels(repo, number, [client.ensure_label(repo, label, "#d93f0b").id])
+        elif winner is None:
+            raise DispatchError("our claim comment is not visible yet")
+    except DispatchError as e:
+        # the comment is out there and may count later: withdraw it, or it blocks the issue for good
+        try:
+            release(client, repo, number, run_id=run_id, label=label,
+                    note=f"dispatch run `{run_id}` withdrew its claim ({e}).")
+        except DispatchError:
+            pass  # the forge is failing; the watchdog releases claims that stay quiet
+        raise
     return winner
 
 
@@ -52,6 +64,9 @@ def release(client: ForgeClient, repo: str, number: int, *, run_id: str, label: 
             note: str) -> None:
     """Drop our claim: a release marker (with what happened) and the label removed."""
     client.create_comment(repo, number, f"<!-- dispatch:release run={run_id} -->\n{note}")
+    current = active_claim(client.list_comments(repo, number))
+    if current is not None and current.run_id != run_id:
+        return  # a newer claim is in force (a re-route): its label is not ours to take off
     # every label of that name: two hosts claiming a repo's first issue at once can each create
     # one, and a claim label left behind would keep the issue out of triage for good
     for lb in client.list_labels(repo):

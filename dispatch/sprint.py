@@ -18,7 +18,7 @@ from pathlib import Path
 from . import claims
 from .backends import CLIBackend, DirectBackend, GatewayBackend, Job, run_first_available
 from .config import Config
-from .errors import DispatchError, LockHeld
+from .errors import DispatchError, ForgeError, LockHeld
 from .forge import ForgeClient, Issue, PullRequest, Repo
 from .gitops import Git, make_workspace, write_askpass
 from .locks import Lock, stale
@@ -137,8 +137,12 @@ class Sprinter:
                 if reason:
                     skipped.append(f"{issue.ref}: {reason}")
                     continue
-                winner = claims.claim(self.client, repo, issue.number, run_id=run_id,
-                                      agent=self.agent, label=self.cfg.triage.claim_label)
+                try:
+                    winner = claims.claim(self.client, repo, issue.number, run_id=run_id,
+                                          agent=self.agent, label=self.cfg.triage.claim_label)
+                except DispatchError as e:  # the claim was withdrawn; try the next issue
+                    skipped.append(f"{issue.ref}: claim failed: {e}")
+                    continue
                 if winner is None or winner.run_id != run_id:
                     skipped.append(f"{issue.ref}: claimed first by run {winner.run_id if winner else '?'}")
                     continue
@@ -218,14 +222,24 @@ class Sprinter:
 
     def open_pull(self, issue: Issue, repo: Repo, branch: str, run_id: str, result) -> PullRequest:
         """The PR for this branch: an open one already there (a re-delivered run), else a new one."""
-        for pr in self.client.list_pulls(issue.repo):
-            if pr.head == branch:
-                return pr
+        existing = self._pull_for(issue.repo, branch)
+        if existing:
+            return existing
         body = (f"Closes #{issue.number}\n\nOpened by dispatch run `{run_id}` "
                 f"(backend {result.backend}, model {result.model}, {result.steps} steps).\n\n"
                 f"Agent's summary:\n\n{_quote(result.final or '(none)')}")
-        return self.client.create_pull(issue.repo, head=branch, base=repo.default_branch,
-                                       title=f"Fix #{issue.number}: {issue.title}", body=body)
+        try:
+            return self.client.create_pull(issue.repo, head=branch, base=repo.default_branch,
+                                           title=f"Fix #{issue.number}: {issue.title}", body=body)
+        except ForgeError as e:
+            # a retried POST whose first try landed answers "already exists": that PR is ours
+            found = self._pull_for(issue.repo, branch) if e.status in (409, 422) else None
+            if found is None:
+                raise
+            return found
+
+    def _pull_for(self, repo: str, branch: str) -> PullRequest | None:
+        return next((pr for pr in self.client.list_pulls(repo) if pr.head == branch), None)
 
     def finish(self, issue: Issue, out: SprintOutcome, result, t0: float) -> None:
         """Release the claim with the true outcome, then record the row (best effort each)."""

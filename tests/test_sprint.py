@@ -308,3 +308,23 @@ def test_the_model_shell_cannot_read_secrets_in_the_sandbox(repo, model_server, 
     assert "gitea-token: Permission denied" in seen or "gitea-token: No such file" in seen  # masked
     assert "results.csv" not in seen and "git-askpass.sh" not in seen  # the state dir is hidden
     assert canary not in server.sent_text()
+
+
+def test_a_pr_post_that_landed_before_its_retry_failed_is_still_a_success(repo, model_server, tmp_path):
+    from dispatch.config import load_config
+    from dispatch.errors import ForgeError
+    from dispatch.sprint import Sprinter
+    from tests.conftest import CANARY
+
+    class LostAnswer(ForgeClient):
+        """The PR is created, but the answer is lost and the retry is told it exists."""
+
+        def create_pull(self, repo_: str, **kw):
+            super().create_pull(repo_, **kw)
+            raise ForgeError("POST", f"{self.api}/repos/{repo_}/pulls", 409, "pull request already exists")
+
+    n = repo.add_issue(REPO, "Add a hello file")
+    cfg = load_config(sprint_config(tmp_path, repo, model_server(WRITE_AND_RUN)))
+    out = Sprinter(cfg, LostAnswer(repo.url, CANARY, retries=0), CANARY).run(REPO, n)
+    assert out.outcome == "success" and out.pr_url.endswith("/pulls/2")
+    assert len(pulls(repo)) == 1 and results(tmp_path)[0]["outcome"] == "success"
