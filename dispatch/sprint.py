@@ -289,7 +289,8 @@ class Sprinter:
 
         sp = self.cfg.sprint
         sandbox = find_sandbox(sp.sandbox, self.secret_paths(), network=sp.sandbox_network)
-        return Workspace(job.workspace, forge=self.client, repo=job.repo, env=self.env, sandbox=sandbox)
+        return Workspace(job.workspace, forge=self.client, repo=job.repo, env=self.env,
+                         sandbox=sandbox, issue=job.issue)
 
     def secret_paths(self) -> list[Path]:
         """What the model's shell must not see: the state dir (other runs, the askpass helper),

@@ -216,16 +216,21 @@ def find_sandbox(mode: str, hide: list[Path], *, network: bool = True,
 # ---- gitea_api policy ----------------------------------------------------------------------
 
 _METHODS = {"GET", "POST", "PATCH", "PUT"}
-# Repository sub-resources the model may not touch at all: access control, secrets, hooks.
+# Repository sub-resources the model may not even read: access control, secrets, hooks.
 _NEVER = {"hooks", "keys", "collaborators", "teams", "transfer", "branch_protections",
           "tag_protections", "push_mirrors", "mirror-sync", "actions", "secrets", "variables",
           "avatar", "signing-key.gpg"}  # fmt: skip
-# Read-only for the model: writing these would bypass the branch + PR flow or publish things.
-_READ_ONLY = {"contents", "diffpatch", "git", "branches", "tags", "releases", "archive"}
+# Query parameters that change who the call acts as, or carry a credential.
+_BAD_QUERY = re.compile(r"(^|&)(sudo|token|access_token)=", re.I)
 
 
-def check_api_path(method: str, path: str, repo: str) -> tuple[str, str]:
-    """Normalise and police one gitea_api call; returns (METHOD, path) or raises ToolError."""
+def check_api_path(method: str, path: str, repo: str, issue: int | None = None) -> tuple[str, str]:
+    """Normalise and police one gitea_api call; returns (METHOD, path) or raises ToolError.
+
+    Reads: anything of the sprint's repository but its admin endpoints. Writes: only a comment
+    on the sprint's own issue; everything else (labels, statuses, other comments, PRs, forks)
+    is dispatch's to do, so an agent steered by issue text cannot fake CI, move claims or approve.
+    """
     method = method.upper().strip()
     if method == "DELETE":
         raise ToolError("DELETE is refused: deleting needs the operator")
@@ -238,6 +243,8 @@ def check_api_path(method: str, path: str, repo: str) -> tuple[str, str]:
         raise ToolError("path must be plain (no percent-encoding, backslashes or fragments)")
     if " " in raw_path or "#" in query or " " in query:
         raise ToolError("path must not contain spaces or fragments")
+    if _BAD_QUERY.search(query):
+        raise ToolError("sudo and token parameters are refused")
     parts = raw_path.strip("/").split("/")
     if any(seg in ("", ".", "..") for seg in parts):
         raise ToolError("path must not contain '.', '..' or empty segments")
@@ -246,11 +253,15 @@ def check_api_path(method: str, path: str, repo: str) -> tuple[str, str]:
     if len(parts) < 3 or parts[0] != "repos" or target != [owner.lower(), name.lower()]:
         raise ToolError(f"only /repos/{repo}/... is allowed in this sprint")
     parts[1:3] = [owner, name]  # Gitea matches names case-insensitively; send one spelling
-    sub = parts[3:]
+    sub = [seg.lower() for seg in parts[3:]]
     if sub and sub[0] in _NEVER:
         raise ToolError(f"/repos/{repo}/{sub[0]} is refused: an admin endpoint")
-    if method != "GET" and (not sub or sub[0] in _READ_ONLY or sub[-1] == "merge"):
-        raise ToolError(f"{method} {raw_path} is refused: read-only for the agent")
+    if method != "GET":
+        own = ["issues", str(issue), "comments"] if issue is not None else None
+        if not (method == "POST" and sub == own and not query):
+            where = f"POST /repos/{repo}/issues/{issue}/comments" if issue is not None else "nothing"
+            raise ToolError(f"{method} {raw_path} is refused: the agent may write only {where}; "
+                            "dispatch pushes, opens the PR and labels")
     clean = "/" + "/".join(parts)
     return method, clean + (sep + query if query else "")
 
@@ -273,8 +284,10 @@ class Workspace:
         max_file_bytes: int = 1_000_000,
         popen: Callable[..., subprocess.Popen] = subprocess.Popen,
         sandbox: Sandbox | None = None,
+        issue: int | None = None,
     ) -> None:
         self.root = Path(root).resolve()
+        self.issue = issue  # the one issue the agent may comment on
         self.sandbox = sandbox
         self.forge = forge
         self.repo = repo
@@ -402,7 +415,7 @@ class Workspace:
     def gitea_api(self, method: str, path: str, body: object | None = None) -> str:
         if self.forge is None:
             raise ToolError("gitea_api is not available in this run")
-        method, path = check_api_path(method, path, self.repo)
+        method, path = check_api_path(method, path, self.repo, self.issue)
         if method == "GET" and body is not None:
             raise ToolError("GET takes no body")
         try:

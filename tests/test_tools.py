@@ -204,18 +204,27 @@ def test_cap_marks_the_cut() -> None:
         ("DELETE", "/repos/o/r/issues/1", "DELETE"),
         ("GET", "/admin/users", "only /repos/o/r"),
         ("POST", "/user/repos", "only /repos/o/r"),
-        ("PATCH", "/repos/o/r", "read-only"),
+        ("PATCH", "/repos/o/r", "may write only"),
         ("PUT", "/repos/o/r/collaborators/eve", "admin"),
         ("GET", "/repos/o/r/hooks", "admin"),
-        ("POST", "/repos/o/r/pulls/1/merge", "read-only"),
-        ("PUT", "/repos/o/r/contents/README.md", "read-only"),
+        ("POST", "/repos/o/r/pulls/1/merge", "may write only"),
+        ("PUT", "/repos/o/r/contents/README.md", "may write only"),
+        # what a review found the old blocklist let through
+        ("POST", "/repos/o/r/statuses/abc123", "may write only"),
+        ("PATCH", "/repos/o/r/issues/comments/5", "may write only"),
+        ("PATCH", "/repos/o/r/labels/3", "may write only"),
+        ("PUT", "/repos/o/r/issues/1/labels", "may write only"),
+        ("POST", "/repos/o/r/forks", "may write only"),
+        ("POST", "/repos/o/r/issues/2/comments", "may write only"),
+        ("GET", "/repos/o/r/Hooks", "admin"),
+        ("GET", "/repos/o/r/issues?sudo=admin", "sudo"),
         ("OPTIONS", "/repos/o/r/issues", "not allowed"),
         ("GET", "/repos/o//r/issues", "empty"),
     ],
 )
 def test_gitea_api_policy_refuses(layout, method: str, path: str, why: str) -> None:
     forge = FakeForge()
-    ws = Workspace(layout[0], forge=forge, repo="o/r")
+    ws = Workspace(layout[0], forge=forge, repo="o/r", issue=1)  # the sprint's issue is #1
     obs = run(ws, "gitea_api", method=method, path=path)
     assert not obs.ok and obs.output.startswith("error:") and why in obs.output, obs.output
     assert forge.calls == []  # refused before anything reached the forge
@@ -226,7 +235,7 @@ def test_gitea_api_passes_allowed_calls(layout) -> None:
         ("GET", "/repos/o/r/issues/1"): {"number": 1, "title": "Fix it"},
         ("POST", "/repos/o/r/issues/1/comments"): {"id": 9, "body": "hi"},
     })  # fmt: skip
-    ws = Workspace(layout[0], forge=forge, repo="o/r")
+    ws = Workspace(layout[0], forge=forge, repo="o/r", issue=1)
     got = run(ws, "gitea_api", method="get", path="repos/O/R/issues/1")
     assert got.ok and '"title": "Fix it"' in got.output
     posted = run(ws, "gitea_api", method="POST", path="/api/v1/repos/o/r/issues/1/comments",
