@@ -110,6 +110,7 @@ class ReportConfig:
     operator_issue: str = ""  # owner/repo#N where `report --post` comments; empty: --post refuses
     post_mode: str = "comment"  # comment (one per run on operator_issue) or daily_issue
     since: str = "24h"  # default window
+    approvers: list[str] = field(default_factory=list)  # forge logins whose ticked boxes approve (sovereign)
 
 
 @dataclass(frozen=True)

@@ -146,15 +146,23 @@ def _carry_out(client, cfg, journal: Journal, action: Action, d, run_sprint, eve
 
 
 def _approved(client: ForgeClient, cfg: Config) -> set[str]:
-    """Keys whose box the operator ticked on a checklist comment of the operator issue."""
+    """Keys dispatch itself put on a checklist whose box the operator ticked: in dispatch's own
+    comment (edited by the operator) or in a comment by one of `report.approvers`. A ticked box
+    anyone else writes, or for a key dispatch never listed, approves nothing."""
     if not cfg.report.operator_issue:
         return set()
     repo, _, number = cfg.report.operator_issue.partition("#")
-    keys = set()
+    me = client.current_user()
+    listed, ticked = set(), set()
     for c in client.list_comments(repo, int(number)):
-        if CHECKLIST in c.body:
-            keys |= {key for mark, key in _BOX.findall(c.body) if mark in "xX"}
-    return keys
+        if CHECKLIST not in c.body:
+            continue
+        boxes = _BOX.findall(c.body)
+        if c.author == me:
+            listed |= {key for _, key in boxes}
+        if c.author == me or c.author in cfg.report.approvers:
+            ticked |= {key for mark, key in boxes if mark in "xX"}
+    return ticked & listed
 
 
 def _post_checklist(client: ForgeClient, cfg: Config, waiting) -> None:

@@ -38,8 +38,9 @@ def world(gitea, tmp_path):
 
 
 def config(tmp_path, gitea, ops, **extra):
+    report = {"operator_issue": f"{OPS}#{ops}", **extra.pop("report", {})}
     path = write_config(tmp_path, gitea, [REPO], agents=AGENTS, gitea={"retries": 0},
-                        report={"operator_issue": f"{OPS}#{ops}"}, **extra)
+                        report=report, **extra)
     return load_config(path, env={})
 
 
@@ -84,7 +85,9 @@ def test_a_forbidden_action_is_never_taken(world):
 
 def test_sovereign_waits_for_approval_then_acts_exactly_once(world):
     gitea, tmp_path, ops, issues = world
-    cfg = config(tmp_path, gitea, ops)
+    gitea.add_user("operator")
+    gitea.add_user("mallory")
+    cfg = config(tmp_path, gitea, ops, report={"approvers": ["operator"]})
     first = run_cycle(cfg, client(gitea), mode="sovereign", now=NOW)
     assert {a["outcome"] for a in first.actions} == {"awaiting approval"}
     checklists = [c for c in comments(gitea, OPS, ops) if CHECKLIST in c]
@@ -94,9 +97,14 @@ def test_sovereign_waits_for_approval_then_acts_exactly_once(world):
     run_cycle(cfg, client(gitea), mode="sovereign", now=NOW + timedelta(minutes=5))
     assert len([c for c in comments(gitea, OPS, ops) if CHECKLIST in c]) == 1  # not listed twice
 
-    # the operator ticks the box of the bug's assignment
     line = next(ln for ln in checklists[0].splitlines() if f"#{issues['bug']}" in ln)
-    gitea.add_comment(OPS, ops, f"{CHECKLIST}\n{line.replace('- [ ]', '- [x]')}", author="operator")
+    ticked = f"{CHECKLIST}\n{line.replace('- [ ]', '- [x]')}"
+    # a tick from someone who is not an approver approves nothing
+    gitea.add_comment(OPS, ops, ticked, author="mallory")
+    stranger = run_cycle(cfg, client(gitea), mode="sovereign", now=NOW + timedelta(minutes=7))
+    assert "done" not in [a["outcome"] for a in stranger.actions]
+    # the operator (a configured approver) ticks the box of the bug's assignment
+    gitea.add_comment(OPS, ops, ticked, author="operator")
     third = run_cycle(cfg, client(gitea), mode="sovereign", now=NOW + timedelta(minutes=10))
     assert [a["outcome"] for a in third.actions].count("done") == 1
     assert "kimi-ready" in labels(gitea, issues["bug"])
