@@ -11,7 +11,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -202,6 +202,8 @@ class Sprinter:
                   trajectory=self.trajectories / f"{run_id}.jsonl", max_seconds=sp.max_minutes * 60)
         log.info("cloned %s into %s on %s; running the agent (model %s)", issue.repo, clone, branch, model)
         result = run_first_available(self.backends(backend), job)
+        # whatever a backend says goes into results.csv, the PR body and forge comments
+        result = replace(result, final=self.redact(result.final), error=self.redact(result.error))
         log.info("backend %s ended: %s %s", result.backend, result.status, result.error)
         out = _with(out, backend=result.backend, model=result.model or model,
                     notes=(*out.notes, *result.fallbacks))
@@ -311,7 +313,19 @@ class Sprinter:
                       max_tokens=sp.max_tokens, max_cost_usd=sp.max_cost_usd)
 
     def redact(self, text: str) -> str:
-        return text.replace(self.token, "***") if self.token else text
+        """Every secret this run holds, masked: the forge token and the model key."""
+        for secret in self._secrets():
+            text = text.replace(secret, "***")
+        return text
+
+    def _secrets(self) -> list[str]:
+        if not hasattr(self, "_secret_list"):
+            try:
+                key = self.cfg.llm_api_key(self.env)
+            except DispatchError:
+                key = ""
+            self._secret_list = [s for s in (self.token, key) if s and len(s) >= 4]
+        return self._secret_list
 
     # -- housekeeping -----------------------------------------------------------------------
 
@@ -361,8 +375,6 @@ class Sprinter:
 
 
 def _with(out: SprintOutcome, **changes) -> SprintOutcome:
-    from dataclasses import replace
-
     return replace(out, **changes)
 
 

@@ -328,3 +328,17 @@ def test_a_pr_post_that_landed_before_its_retry_failed_is_still_a_success(repo, 
     out = Sprinter(cfg, LostAnswer(repo.url, CANARY, retries=0), CANARY).run(REPO, n)
     assert out.outcome == "success" and out.pr_url.endswith("/pulls/2")
     assert len(pulls(repo)) == 1 and results(tmp_path)[0]["outcome"] == "success"
+
+
+def test_what_a_cli_agent_prints_is_redacted_everywhere(repo, tmp_path, canary):
+    n = repo.add_issue(REPO, "Leaky agent")
+    agent = tmp_path / "leaky-agent.sh"
+    agent.write_text(f"#!/bin/sh\necho \"my token is $(cat {tmp_path / 'gitea-token'})\"\nexit 3\n")
+    agent.chmod(0o755)
+    cfg = write_config(tmp_path, repo, [REPO], gitea={"retries": 0},
+                       sprint={"backends": ["cli"], "cli_command": f"{agent} {{prompt_file}}"})
+    r = invoke(cfg, "sprint", "--repo", REPO, "--json")
+    out = json.loads(r.stdout)
+    assert out["outcome"] == "failed" and "my token is ***" in out["error"]
+    assert canary not in (tmp_path / "state" / "results.csv").read_text()
+    assert all(canary not in body for body in comments(repo, n))
