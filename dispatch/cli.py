@@ -459,18 +459,19 @@ def cycle(
     client = state.forge()
     started: list = []
 
-    def run_sprint(decision) -> None:
+    def run_sprint(decision) -> bool:
         if cfg.queue.url:  # a broker: hand the sprint to the worker of that agent
             from .jobs import enqueue_sprint
 
             started.append(enqueue_sprint(cfg, decision.repo, decision.issue, decision.agent))
-        elif len(started) < max_sprints:
-            from .sprint import Sprinter
+            return True
+        from .sprint import Sprinter
 
-            sprinter = Sprinter(cfg, client, cfg.gitea_token())
-            sprinter.agent = decision.agent  # the claim and the results row name who it went to
-            out = sprinter.run(decision.repo, decision.issue)
-            started.append(out.outcome)
+        sprinter = Sprinter(cfg, client, cfg.gitea_token())
+        sprinter.agent = decision.agent  # the claim and the results row name who it went to
+        out = sprinter.run(decision.repo, decision.issue)
+        started.append(out.outcome)
+        return out.outcome == "success"
 
     post = None
     if cfg.report.operator_issue:
@@ -485,7 +486,8 @@ def cycle(
             post_report(client, _operator_target(cfg), cfg.report.post_mode, body, now)
             return True
 
-    result = run_cycle(cfg, client, mode=mode, run_sprint=run_sprint, post_report=post)
+    result = run_cycle(cfg, client, mode=mode, run_sprint=run_sprint, post_report=post,
+                       max_sprints=None if cfg.queue.url else max_sprints)
     if as_json:
         print(json.dumps({"mode": result.mode, "skipped": result.skipped or None, "actions": result.actions,
                           "sprints": [str(s) for s in started], "reported": result.reported}, indent=2))

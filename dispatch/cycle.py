@@ -51,10 +51,12 @@ def run_cycle(
     *,
     mode: str = "simple",
     now: datetime | None = None,
-    run_sprint: Callable[[watchdog.Decision], object] | None = None,
+    run_sprint: Callable[[watchdog.Decision], bool] | None = None,
+    max_sprints: int | None = 1,
     post_report: Callable[[], bool] | None = None,
 ) -> CycleResult:
-    """One pass. `run_sprint` starts (or enqueues) a sprint for a `sprint` decision."""
+    """One pass. `run_sprint` starts (or enqueues) a sprint for a `sprint` decision and says
+    whether it succeeded; at most `max_sprints` start in one pass (None: no limit, a broker)."""
     if mode not in MODES:
         raise DispatchError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     now = now or datetime.now(UTC)
@@ -93,6 +95,7 @@ def run_cycle(
     journal = Journal(state / "journal.sqlite")
     approved = _approved(client, cfg) if mode == "sovereign" else set()
     waiting: list[tuple[Action, watchdog.Decision]] = []
+    budget = [10**9 if max_sprints is None else max_sprints]
     for d in decisions:
         action = Action(KIND[d.action], d.ref, d.reason, d.key)
         verdict = policy.decide(action.kind, cfg.policy, mode=mode)
@@ -103,7 +106,7 @@ def run_cycle(
             row["outcome"] = "awaiting approval"
             waiting.append((action, d))
         else:
-            row["outcome"] = _carry_out(client, cfg, journal, action, d, run_sprint, events)
+            row["outcome"] = _carry_out(client, cfg, journal, action, d, run_sprint, events, budget)
         events.append(policy.action_event(action, verdict, row["outcome"]))
         result.actions.append(row)
     if waiting:
@@ -130,14 +133,23 @@ def _available(cfg: Config, ledger: Ledger, now: datetime):
     return [a for a in cfg.agents if a.name in names], reasons
 
 
-def _carry_out(client, cfg, journal: Journal, action: Action, d, run_sprint, events) -> str:
+def _carry_out(client, cfg, journal: Journal, action: Action, d, run_sprint, events,
+               budget: list[int]) -> str:
+    if d.action == "sprint" and run_sprint is not None and budget[0] <= 0:
+        return "deferred"  # untouched: no label, no journal entry, so a later cycle takes it
     # a key pending from a crashed run is safe to redo: every watchdog action checks its own
     # marker on the forge first, so reclaiming cannot double a comment
     stale = [e for e in journal.pending(older_than_s=300) if e.key == action.key]
     if not journal.begin(action) and not (stale and journal.reclaim(stale[0])):
         return "done before"
     try:
-        events += watchdog.apply(client, [d], cfg, run_sprint=run_sprint)
+        events += watchdog.apply(client, [d], cfg)
+        if d.action == "sprint" and run_sprint is not None:
+            budget[0] -= 1
+            if not run_sprint(d):
+                # failed: the key may be begun again, so the issue is not wedged as "done"
+                journal.fail(action.key, "the sprint did not succeed")
+                return "sprint failed"
     except DispatchError as e:
         journal.fail(action.key, str(e))
         return "error"

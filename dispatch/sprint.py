@@ -252,9 +252,22 @@ class Sprinter:
         try:
             claims.release(self.client, issue.repo, issue.number, run_id=out.run_id,
                            label=self.cfg.triage.claim_label, note=f"{note} (run `{out.run_id}`)")
+            if out.outcome != "success":
+                self._unroute(issue)
         except DispatchError as e:
             log.warning("could not release the claim on %s: %s", issue.ref, e)
         self.record(out, result, self.clock() - t0)
+
+    def _unroute(self, issue: Issue) -> None:
+        """A failed attempt hands the issue back to the pool: the agent's ready label comes off,
+        or the issue would count as this agent's queued work for ever."""
+        from .triage import ready_label
+
+        name = ready_label(self.agent)
+        if name in issue.labels:
+            for lb in self.client.list_labels(issue.repo):
+                if lb.name == name:
+                    self.client.remove_label(issue.repo, issue.number, lb.id)
 
     def record(self, out: SprintOutcome, result, duration: float) -> None:
         r = result

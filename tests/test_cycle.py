@@ -128,3 +128,26 @@ def test_forge_down_opens_the_breaker_and_later_runs_skip(world):
     later = NOW + timedelta(minutes=5)  # past the cool-down: half-open, then closed
     assert run_cycle(cfg, client(gitea), now=later).skipped == ""
     assert run_cycle(cfg, client(gitea), now=later + timedelta(minutes=5)).skipped == ""
+
+
+def test_sprints_beyond_the_budget_are_deferred_untouched_and_failures_stay_retryable(world):
+    gitea, tmp_path, ops, issues = world
+    cfg = config(tmp_path, gitea, ops)
+    ran: list[str] = []
+
+    def run_sprint(d) -> bool:  # every agent is "direct": each decision is a sprint
+        ran.append(d.ref)
+        return False  # it failed
+
+    first = run_cycle(cfg, client(gitea), now=NOW, run_sprint=run_sprint, max_sprints=1)
+    outcomes = sorted(a["outcome"] for a in first.actions)
+    assert outcomes == ["deferred", "deferred", "sprint failed"] and len(ran) == 1
+    deferred = [a["key"] for a in first.actions if a["outcome"] == "deferred"]
+    for key in deferred:  # untouched on the forge: no label, no comment
+        n = int(key.split("#")[1].split(":")[0])
+        assert comments(gitea, REPO, n) == [] and not any(lb.endswith("-ready") for lb in labels(gitea, n))
+    # the failed key is not "done": a later cycle may sprint it again
+    from dispatch.journal import Journal
+
+    failed_key = next(a["key"] for a in first.actions if a["outcome"] == "sprint failed")
+    assert Journal(tmp_path / "state" / "journal.sqlite").get(failed_key).status == "failed"
