@@ -73,8 +73,16 @@ class Lock:
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, *, leave: dict | None = None) -> None:
+        """Unlock and remove the file; with `leave`, write that record back and keep the file
+        instead (a crashed run's record that recovery could not finish with)."""
         if self._fd is None:
+            return
+        if leave is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps(leave).encode(), 0)
+            os.close(self._fd)
+            self._fd = None
             return
         # unlink before unlocking: a clean release leaves no file, so a file left behind always
         # means its holder died

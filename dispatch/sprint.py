@@ -192,6 +192,7 @@ class Sprinter:
             git.run("checkout", "--quiet", "-B", branch, "FETCH_HEAD")
         else:
             git.run("checkout", "--quiet", "-b", branch)
+        start = git.run("rev-parse", "HEAD")
         comments = self.client.list_comments(issue.repo, issue.number)
         prompt = sprint_prompt(issue, repo, comments, branch=branch)
         prompt_file = ws / "prompt.md"
@@ -209,7 +210,8 @@ class Sprinter:
                     notes=(*out.notes, *result.fallbacks))
         git.restore_config()
         git.commit_all(f"Fix #{issue.number}: {issue.title}\n\nWork of dispatch run {run_id}.")
-        ahead = git.ahead(f"origin/{repo.default_branch}")
+        # an earlier partial run's commits are already on the branch: only this run's count
+        ahead = git.ahead(start)
         if ahead and (result.ok or sp.push_partial):
             log.info("pushing %d commit(s) to %s", ahead, branch)
             git.push(branch)
@@ -373,6 +375,7 @@ class Sprinter:
                 notes.append(f"took over the stale lock of dead run {info.run_id} ({info.key})")
             except DispatchError as e:
                 notes.append(f"stale lock {info.key}: could not release its claim: {e}")
+                lock.release(leave=info.data)  # keep the evidence for the next run
             finally:
                 lock.release()
         return notes
