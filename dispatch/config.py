@@ -70,6 +70,7 @@ class TriageConfig:
     blocked_labels: list[str] = field(default_factory=lambda: ["blocked"])
     skip_labels: list[str] = field(default_factory=lambda: ["epic", "study"])
     stale_days: float = 14.0  # untouched this long, an issue earns a staleness bonus
+    skip_refs: list[str] = field(default_factory=list)  # owner/repo#N never dispatched (report.operator_issue is added)
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,11 @@ def config_from_dict(
     cfg = _build(Config, data, source, "")
     cfg = dataclasses.replace(cfg, source=source)
     _validate(cfg)
+    op = cfg.report.operator_issue.strip()
+    if op and op not in cfg.triage.skip_refs:
+        # the operator's inbox holds reports and approvals, not work for an agent
+        cfg = dataclasses.replace(cfg, triage=dataclasses.replace(
+            cfg.triage, skip_refs=[*cfg.triage.skip_refs, op]))
     return cfg
 
 

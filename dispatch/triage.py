@@ -88,6 +88,8 @@ def classify(issue: Issue, open_pulls: list[PullRequest], policy: TriageConfig) 
         return "pull request"
     if issue.state != "open":
         return issue.state
+    if issue.ref in policy.skip_refs:
+        return "excluded (the operator issue, or triage.skip_refs)"
     kind = _skip_kind(issue, labels, policy)
     if kind:
         return kind

@@ -111,3 +111,13 @@ def test_llm_key_is_optional(tmp_path):
     cfg = load_config(write(tmp_path, "gitea: {url: http://x}\nllm: {api_key_env: K}"), env={})
     assert cfg.llm_api_key({}) == ""
     assert cfg.llm_api_key({"K": "sk-1"}) == "sk-1"
+
+
+def test_the_operator_issue_is_never_dispatched(tmp_path):
+    from dispatch.forge import Issue
+    from dispatch.triage import classify
+
+    cfg = load_config(write(tmp_path, "gitea: {url: http://x}\nreport: {operator_issue: 'acme/ops#1'}"), env={})
+    assert cfg.triage.skip_refs == ["acme/ops#1"]
+    assert classify(Issue("acme/ops", 1, "Operator inbox"), [], cfg.triage).startswith("excluded")
+    assert classify(Issue("acme/ops", 2, "Real work"), [], cfg.triage) is None
