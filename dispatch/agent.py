@@ -203,6 +203,18 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def assistant_message(content: str | None, calls: list[ToolCall]) -> dict[str, Any]:
+    """The assistant turn as the history holds it, tool calls with their raw arguments."""
+    message: dict[str, Any] = {"role": "assistant", "content": content or ""}
+    if calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.raw_arguments}}
+            for c in calls
+        ]  # fmt: skip
+    return message
+
+
 def parse_completion(resp: Any) -> ModelReply:
     """A chat completion (SDK object) as a ModelReply; malformed tool arguments become errors."""
     if not getattr(resp, "choices", None):
@@ -212,13 +224,7 @@ def parse_completion(resp: Any) -> ModelReply:
     for i, tc in enumerate(msg.tool_calls or ()):
         fn = tc.function
         calls.append(parse_tool_call(tc.id or f"call_{i}", fn.name or "", fn.arguments or ""))
-    message: dict[str, Any] = {"role": "assistant", "content": msg.content or ""}
-    if calls:
-        message["tool_calls"] = [
-            {"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": c.raw_arguments}}
-            for c in calls
-        ]  # fmt: skip
+    message = assistant_message(msg.content, calls)
     usage = resp.usage
     return ModelReply(
         content=msg.content,

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatch.agent import ModelReply, Observation, ToolCall, parse_tool_call
+from dispatch.agent import ModelReply, Observation, ToolCall, assistant_message, parse_tool_call
 from dispatch.errors import ForgeError, ModelError
 from dispatch.tools import schemas
 from tests.emulator.model_server import Fault, Reply, Turn, estimate_tokens, say
@@ -52,13 +52,7 @@ def to_reply(turn: Reply, n: int) -> ModelReply:
     for i, c in enumerate(turn.tool_calls):
         raw = c.arguments if isinstance(c.arguments, str) else json.dumps(c.arguments)
         parsed.append(parse_tool_call(f"call_{n}_{i}", c.name, raw))
-    message: dict[str, Any] = {"role": "assistant", "content": turn.content or ""}
-    if parsed:
-        message["tool_calls"] = [
-            {"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": c.raw_arguments}}
-            for c in parsed
-        ]  # fmt: skip
+    message = assistant_message(turn.content, parsed)
     return ModelReply(turn.content, tuple(parsed), 10, estimate_tokens(json.dumps(message)), message)
 
 
