@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from . import house, policy, telemetry, watchdog
@@ -72,15 +73,22 @@ def run_cycle(
 
         repos = resolve_repos(client, cfg)
         obs = watchdog.observe(client, repos, cfg, now, state_dir=state)
+        ledger = Ledger(state / "ledger.sqlite")
+        issues = [r.issue for r in obs.ranked] + [w.issue for w in obs.watches]
+        kinds = {i.ref: issue_kind(i.labels, i.title) for i in issues}
+        ledger.import_results(state / "results.csv",
+                              kind_of=lambda repo, n: kinds.get(f"{repo}#{n}", "other"))
+        ledger.set_kinds(issues)
+        if mode == "intelligent":
+            ledger.sync_prs(client, repos)  # "resolved" means merged: follow the PRs
         breaker.record(True)
     except ForgeError as e:
         breaker.record(False, str(e))
         raise
 
-    ledger = Ledger(state / "ledger.sqlite")
-    results_csv = state / "results.csv"
-    kinds = {r.issue.ref: issue_kind(r.issue.labels, r.issue.title) for r in obs.ranked}
-    ledger.import_results(results_csv, kind_of=lambda row: kinds.get(f"{row.repo}#{row.issue}", "other"))
+    attempts, resting = _history(state / "results.csv", now, cfg)
+    if resting:  # an issue whose sprints keep failing rests, as the worker loop's skip list does
+        obs = replace(obs, ranked=tuple(r for r in obs.ranked if r.issue.ref not in resting))
     agents, held_back = _available(cfg, ledger, now)
     events = [{"kind": "quota_exhausted", "subject": name, "reason": why} for name, why in held_back.items()]
     learned = None
@@ -97,12 +105,14 @@ def run_cycle(
     waiting: list[tuple[Action, watchdog.Decision]] = []
     budget = [10**9 if max_sprints is None else max_sprints]
     for d in decisions:
-        action = Action(KIND[d.action], d.ref, d.reason, d.key)
+        # a sprint key names the attempt, so a finished one never blocks the next attempt
+        key = f"{d.key}:{attempts[d.ref]}" if d.action == "sprint" else d.key
+        action = Action(KIND[d.action], d.ref, d.reason, key)
         verdict = policy.decide(action.kind, cfg.policy, mode=mode)
-        row = {"key": d.key, "action": d.action, "verdict": verdict.verdict, "reason": d.reason}
+        row = {"key": key, "action": d.action, "verdict": verdict.verdict, "reason": d.reason}
         if verdict.verdict == "forbid":
             row["outcome"] = "forbidden"
-        elif verdict.verdict == "approve" and d.key not in approved:
+        elif verdict.verdict == "approve" and key not in approved:
             row["outcome"] = "awaiting approval"
             waiting.append((action, d))
         else:
@@ -122,6 +132,29 @@ def run_cycle(
             journal.fail(f"report:{now.date()}", str(e))
     _record(cfg, result, events)
     return result
+
+
+def _history(results_csv: Path, now: datetime, cfg: Config) -> tuple[Counter, set[str]]:
+    """Attempts so far per issue, and the issues resting after failures: the latest attempt
+    failed within skip_hours / max_failures, or max_failures failed within skip_hours."""
+    from .results import read_results
+
+    attempts: Counter = Counter()
+    failed: dict[str, list[datetime]] = {}
+    last: dict[str, tuple[datetime, str]] = {}
+    window = timedelta(hours=cfg.loop.skip_hours)
+    for row in read_results(results_csv):
+        if not row.attempted or not row.issue:
+            continue
+        ref = f"{row.repo}#{row.issue}"
+        attempts[ref] += 1
+        last[ref] = max(last.get(ref, (row.timestamp, "")), (row.timestamp, row.outcome))
+        if row.outcome != "success" and now - row.timestamp < window:
+            failed.setdefault(ref, []).append(row.timestamp)
+    short = window / max(1, cfg.loop.max_failures)
+    resting = {ref for ref, times in failed.items() if len(times) >= cfg.loop.max_failures}
+    resting |= {ref for ref, (ts, outcome) in last.items() if outcome != "success" and now - ts < short}
+    return attempts, resting
 
 
 def _available(cfg: Config, ledger: Ledger, now: datetime):
@@ -161,12 +194,13 @@ def _approved(client: ForgeClient, cfg: Config) -> set[str]:
     """Keys dispatch itself put on a checklist whose box the operator ticked: in dispatch's own
     comment (edited by the operator) or in a comment by one of `report.approvers`. A ticked box
     anyone else writes, or for a key dispatch never listed, approves nothing."""
-    if not cfg.report.operator_issue:
+    target = _operator_issue(cfg)
+    if target is None:
         return set()
-    repo, _, number = cfg.report.operator_issue.partition("#")
+    repo, number = target
     me = client.current_user()
     listed, ticked = set(), set()
-    for c in client.list_comments(repo, int(number)):
+    for c in client.list_comments(repo, number):
         if CHECKLIST not in c.body:
             continue
         boxes = _BOX.findall(c.body)
@@ -177,14 +211,22 @@ def _approved(client: ForgeClient, cfg: Config) -> set[str]:
     return ticked & listed
 
 
+def _operator_issue(cfg: Config) -> tuple[str, int] | None:
+    """(owner/repo, N) of report.operator_issue; None when unset or a bare repo (daily_issue)."""
+    repo, _, number = cfg.report.operator_issue.strip().partition("#")
+    return (repo, int(number)) if repo and number.isdigit() else None
+
+
 def _post_checklist(client: ForgeClient, cfg: Config, waiting) -> None:
     """One checklist comment listing actions not yet put before the operator."""
-    if not cfg.report.operator_issue:
-        log.warning("%d actions need approval but report.operator_issue is not set", len(waiting))
+    target = _operator_issue(cfg)
+    if target is None:
+        log.warning("%d actions need approval but report.operator_issue names no issue "
+                    "(owner/repo#N)", len(waiting))
         return
-    repo, _, number = cfg.report.operator_issue.partition("#")
+    repo, number = target
     listed = set()
-    for c in client.list_comments(repo, int(number)):
+    for c in client.list_comments(repo, number):
         if CHECKLIST in c.body:
             listed |= {key for _, key in _BOX.findall(c.body)}
     new = [(a, d) for a, d in waiting if a.key not in listed]
@@ -193,7 +235,7 @@ def _post_checklist(client: ForgeClient, cfg: Config, waiting) -> None:
     lines = [CHECKLIST, "dispatch wants to do the following; tick a box to approve it "
              "(it runs on the next cycle, once):", ""]
     lines += [f"- [ ] `{a.key}` — {d.action} {d.ref}: {d.reason}" for a, d in new]
-    client.create_comment(repo, int(number), "\n".join(lines))
+    client.create_comment(repo, number, "\n".join(lines))
 
 
 def _record(cfg: Config, result: CycleResult, events: list[dict]) -> None:

@@ -151,3 +151,42 @@ def test_sprints_beyond_the_budget_are_deferred_untouched_and_failures_stay_retr
 
     failed_key = next(a["key"] for a in first.actions if a["outcome"] == "sprint failed")
     assert Journal(tmp_path / "state" / "journal.sqlite").get(failed_key).status == "failed"
+
+
+def _row(tmp_path, issue: int, outcome: str, when: datetime) -> None:
+    from dispatch.results import ResultRow, append_result
+
+    append_result(tmp_path / "state" / "results.csv", ResultRow(
+        timestamp=when, run_id=f"r{issue}-{when.timestamp():.0f}", repo=REPO, issue=issue,
+        agent="kimi", backend="direct", model="m", outcome=outcome,
+        pr_url=f"http://forge/{REPO}/pulls/9" if outcome == "success" else ""))
+
+
+@pytest.mark.parametrize("mode", ["simple", "intelligent"])
+def test_a_failing_issue_rests_and_a_finished_sprint_never_blocks_the_next(world, mode):
+    gitea, tmp_path, ops, issues = world
+    cfg = config(tmp_path, gitea, ops)
+    # the bug just failed, and the docs issue had a successful sprint whose PR was then closed
+    _row(tmp_path, issues["bug"], "failed", NOW - timedelta(minutes=10))
+    _row(tmp_path, issues["docs"], "success", NOW - timedelta(days=1))
+    seen: list[str] = []
+
+    def run_sprint(d) -> bool:
+        seen.append(d.ref)
+        return True
+
+    result = run_cycle(cfg, client(gitea), mode=mode, now=NOW, run_sprint=run_sprint, max_sprints=5)
+    assert f"{REPO}#{issues['bug']}" not in seen  # resting after its failure
+    assert f"{REPO}#{issues['docs']}" in seen  # its earlier finished attempt did not block it
+    docs_key = next(a["key"] for a in result.actions if f"#{issues['docs']}:" in a["key"])
+    assert docs_key.endswith(":1")  # the second attempt has its own key
+    later = run_cycle(cfg, client(gitea), mode=mode, now=NOW + timedelta(hours=3), run_sprint=run_sprint,
+                      max_sprints=5)
+    assert f"{REPO}#{issues['bug']}" in [a["key"].split(":")[1] for a in later.actions]  # rested enough
+
+
+def test_sovereign_with_a_bare_operator_repo_does_not_crash(world):
+    gitea, tmp_path, ops, _ = world
+    cfg = config(tmp_path, gitea, ops, report={"operator_issue": OPS, "post_mode": "daily_issue"})
+    result = run_cycle(cfg, client(gitea), mode="sovereign", now=NOW)
+    assert {a["outcome"] for a in result.actions} == {"awaiting approval"}
