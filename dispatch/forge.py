@@ -26,6 +26,7 @@ from .errors import ForgeError
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+POST_RETRY_STATUSES = frozenset({429, 503})  # refused before doing anything; a 5xx may have done it
 DEFAULT_PAGE = 50
 
 
@@ -264,12 +265,16 @@ class ForgeClient:
                     method, url, params=params, json=json, headers=self._auth, timeout=self.timeout
                 )
             except requests.RequestException as e:
-                if attempt < self.retries:
+                # a POST whose answer timed out may have landed: sending it again could double
+                # a comment, so only a failure before the request was read is retried
+                landed = method == "POST" and isinstance(e, requests.ReadTimeout)
+                if attempt < self.retries and not landed:
                     attempt += 1
                     self._wait(attempt, None)
                     continue
                 raise ForgeError(method, url, None, _describe(e)) from None
-            if resp.status_code in RETRY_STATUSES and attempt < self.retries:
+            retry = RETRY_STATUSES if method != "POST" else POST_RETRY_STATUSES
+            if resp.status_code in retry and attempt < self.retries:
                 attempt += 1
                 log.info("forge %s %s -> %s, retry %d", method, url, resp.status_code, attempt)
                 self._wait(attempt, resp.headers.get("Retry-After"))
@@ -285,14 +290,14 @@ class ForgeClient:
             delay = min(self.backoff_cap, max(delay, float(retry_after)))
         self.sleep(delay)
 
-    def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        return self.request("GET", path, params=params).json()
+    def get_json(self, path: str, params: dict[str, Any] | None = None, expect: type | None = None) -> Any:
+        return _body(self.request("GET", path, params=params), expect)
 
     def max_items(self) -> int:
         """The server's page cap (`max_response_items`), asked once; 50 if the server won't say."""
         if self._max_items is None:
             try:
-                data = self.get_json("/settings/api")
+                data = self.get_json("/settings/api", expect=dict)
                 self._max_items = int(data.get("max_response_items") or DEFAULT_PAGE)
             except ForgeError as e:
                 if e.status is None:
@@ -315,33 +320,38 @@ class ForgeClient:
         limit = self.max_items()
         bases = [(path, {**params, "limit": limit}) for path, params in queries]
         firsts = self.map(lambda q: self.request("GET", q[0], params={**q[1], "page": 1}), bases)
-        results: list[list[dict]] = [list(r.json()) for r in firsts]
+        results: list[list[dict]] = [_body(r, list) for r in firsts]
         todo: list[tuple[int, int]] = []
+        sizes: dict[int, int] = {}
         for i, resp in enumerate(firsts):
             total = resp.headers.get("X-Total-Count", "")
             if total.isdigit():
                 # a server capping `limit` lower than it said serves shorter pages; number the
                 # pages by what it actually served, or pages 2.. would skip items
                 size = len(results[i]) if 0 < len(results[i]) < min(limit, int(total)) else limit
-                pages = -(-int(total) // size)
-                todo += [(i, p) for p in range(2, pages + 1)]
+                sizes[i] = size
+                todo += [(i, p) for p in range(2, -(-int(total) // size) + 1)]
             else:
                 results[i] += self._follow_links(bases[i], resp)
-        chunks = self.map(lambda t: self.get_json(bases[t[0]][0], {**bases[t[0]][1], "page": t[1]}), todo)
+        chunks = self.map(lambda t: self._page(bases[t[0]], t[1]), todo)
         for (i, _), chunk in zip(todo, chunks, strict=True):
             results[i].extend(chunk)
         for i, resp in enumerate(firsts):
             total = resp.headers.get("X-Total-Count", "")
-            if total.isdigit() and len(results[i]) < int(total):
-                # the list grew while we read: carry on until a short page
+            # the list grew while we read (an item shifted into a page already read, so a
+            # de-duplicated count falls short): carry on until a short page
+            if total.isdigit() and len(_dedupe(results[i])) < int(total):
                 page = max([p for j, p in todo if j == i], default=1)
-                while True:
+                while page < 10_000:
                     page += 1
-                    chunk = self.get_json(bases[i][0], {**bases[i][1], "page": page})
+                    chunk = self._page(bases[i], page)
                     results[i].extend(chunk)
-                    if len(chunk) < limit:
+                    if len(chunk) < sizes[i]:
                         break
         return [_dedupe(items) for items in results]
+
+    def _page(self, query: tuple[str, dict[str, Any]], page: int) -> list[dict]:
+        return _body(self.request("GET", query[0], params={**query[1], "page": page}), list)
 
     def _follow_links(self, query: tuple[str, dict[str, Any]], resp: requests.Response) -> list[dict]:
         items: list[dict] = []
@@ -349,7 +359,7 @@ class ForgeClient:
         while parse_link(resp.headers.get("Link")).get("next") and page < 10_000:
             page += 1
             resp = self.request("GET", query[0], params={**query[1], "page": page})
-            items.extend(resp.json())
+            items.extend(_body(resp, list))
         return items
 
     def map(self, fn: Callable[[Any], Any], args: Iterable[Any]) -> list[Any]:
@@ -363,10 +373,10 @@ class ForgeClient:
     # -- endpoints --
 
     def current_user(self) -> str:
-        return self.get_json("/user").get("login", "")
+        return self.get_json("/user", expect=dict).get("login", "")
 
     def get_repo(self, full_name: str) -> Repo:
-        return Repo.from_api(self.get_json(f"/repos/{_repo_path(full_name)}"))
+        return Repo.from_api(self.get_json(f"/repos/{_repo_path(full_name)}", expect=dict))
 
     def org_repos(self, org: str) -> list[Repo]:
         return [Repo.from_api(d) for d in self.paginate(f"/orgs/{quote(org, safe='')}/repos")]
@@ -386,18 +396,18 @@ class ForgeClient:
         return sorted((Issue.from_api(repo, d) for d in items), key=lambda i: i.number)
 
     def get_issue(self, repo: str, number: int) -> Issue:
-        return Issue.from_api(repo, self.get_json(f"/repos/{_repo_path(repo)}/issues/{number}"))
+        return Issue.from_api(repo, self.get_json(f"/repos/{_repo_path(repo)}/issues/{number}", expect=dict))
 
     def list_comments(self, repo: str, number: int) -> list[Comment]:
         # Gitea does not paginate this endpoint: one call returns every comment.
-        data = self.get_json(f"/repos/{_repo_path(repo)}/issues/{number}/comments")
+        data = self.get_json(f"/repos/{_repo_path(repo)}/issues/{number}/comments", expect=list)
         return [Comment.from_api(d) for d in data]
 
     def create_comment(self, repo: str, number: int, body: str) -> Comment:
         resp = self.request(
             "POST", f"/repos/{_repo_path(repo)}/issues/{number}/comments", json={"body": body}
         )
-        return Comment.from_api(resp.json())
+        return Comment.from_api(_body(resp, dict))
 
     def list_labels(self, repo: str) -> list[Label]:
         return [Label.from_api(d) for d in self.paginate(f"/repos/{_repo_path(repo)}/labels")]
@@ -410,7 +420,7 @@ class ForgeClient:
         resp = self.request(
             "POST", f"/repos/{_repo_path(repo)}/labels", json={"name": name, "color": color}
         )
-        return Label.from_api(resp.json())
+        return Label.from_api(_body(resp, dict))
 
     def add_labels(self, repo: str, number: int, label_ids: list[int]) -> list[Label]:
         resp = self.request(
@@ -418,7 +428,7 @@ class ForgeClient:
             f"/repos/{_repo_path(repo)}/issues/{number}/labels",
             json={"labels": label_ids},
         )
-        return [Label.from_api(d) for d in resp.json()]
+        return [Label.from_api(d) for d in _body(resp, list)]
 
     def remove_label(self, repo: str, number: int, label_id: int) -> None:
         # 404 or 422 (Gitea, for a label id it does not know) mean nothing to remove: idempotent
@@ -429,7 +439,7 @@ class ForgeClient:
     def edit_issue(self, repo: str, number: int, **fields: Any) -> Issue:
         # Gitea answers PATCH of an issue with 201, not 200.
         resp = self.request("PATCH", f"/repos/{_repo_path(repo)}/issues/{number}", json=fields)
-        return Issue.from_api(repo, resp.json())
+        return Issue.from_api(repo, _body(resp, dict))
 
     def list_pulls(self, repo: str, *, state: str = "open") -> list[PullRequest]:
         items = self.paginate(*self.pulls_query(repo, state))
@@ -441,12 +451,27 @@ class ForgeClient:
             f"/repos/{_repo_path(repo)}/pulls",
             json={"head": head, "base": base, "title": title, "body": body},
         )
-        return PullRequest.from_api(repo, resp.json())
+        return PullRequest.from_api(repo, _body(resp, dict))
 
 
 def _repo_path(full_name: str) -> str:
     owner, name = split_repo(full_name)
     return f"{quote(owner, safe='')}/{quote(name, safe='')}"
+
+
+def _body(resp: requests.Response, expect: type | None = None) -> Any:
+    """The JSON body, or a ForgeError when the forge (or a proxy in front of it) sent
+    something else: an HTML error page with status 200 must not become a traceback."""
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+        expect = expect or dict  # force the error below
+    if expect is not None and not isinstance(data, expect):
+        req = resp.request
+        raise ForgeError(req.method or "GET", strip_credentials(req.url or ""), resp.status_code,
+                         f"unexpected body (expected a JSON {expect.__name__})")
+    return data
 
 
 def _dedupe(items: list[dict]) -> list[dict]:

@@ -189,3 +189,63 @@ def test_connection_errors_become_forge_errors() -> None:
     with pytest.raises(ForgeError) as info:
         ForgeClient(BASE, "t", sleep=lambda s: None, retries=1).current_user()
     assert info.value.status is None and "cannot reach GET" in str(info.value)
+
+
+def test_an_unexpected_body_is_a_forge_error_not_a_traceback() -> None:
+    import responses as rsps
+
+    from dispatch.errors import ForgeError
+    from dispatch.forge import ForgeClient
+
+    with rsps.RequestsMock() as mock:
+        mock.get("http://forge.test/api/v1/settings/api", json={"max_response_items": 50})
+        mock.get("http://forge.test/api/v1/repos/o/r/issues", body="<html>proxy login</html>",
+                 headers={"X-Total-Count": "1"})
+        mock.get("http://forge.test/api/v1/user", json=["not", "a", "user"])
+        client = ForgeClient("http://forge.test", "t", retries=0)
+        with pytest.raises(ForgeError, match="unexpected body"):
+            client.list_issues("o/r")
+        with pytest.raises(ForgeError, match="unexpected body"):
+            client.current_user()
+
+
+def test_a_post_whose_answer_timed_out_is_not_sent_again() -> None:
+    import requests
+    import responses as rsps
+
+    from dispatch.errors import ForgeError
+    from dispatch.forge import ForgeClient
+
+    with rsps.RequestsMock() as mock:
+        mock.post("http://forge.test/api/v1/repos/o/r/issues/1/comments", body=requests.ReadTimeout())
+        client = ForgeClient("http://forge.test", "t", retries=3, sleep=lambda s: None)
+        with pytest.raises(ForgeError, match="timed out"):
+            client.create_comment("o/r", 1, "hi")
+        assert len(mock.calls) == 1
+
+
+def test_a_list_that_grows_mid_read_loses_nothing() -> None:
+    import responses as rsps
+
+    from dispatch.forge import ForgeClient
+
+    items = [{"id": i, "number": i, "title": f"t{i}"} for i in range(100, 0, -1)]  # newest first
+    reads = {"n": 0}
+
+    def page(request):
+        import json as j
+        from urllib.parse import parse_qs, urlsplit
+
+        q = parse_qs(urlsplit(request.url).query)
+        p, lim = int(q["page"][0]), int(q["limit"][0])
+        reads["n"] += 1
+        if reads["n"] == 2:  # a new issue arrives after page 1 was read: everything shifts by one
+            items.insert(0, {"id": 101, "number": 101, "title": "t101"})
+        return 200, {"X-Total-Count": str(len(items) if reads["n"] > 1 else 100)}, j.dumps(
+            items[(p - 1) * lim: p * lim])
+
+    with rsps.RequestsMock() as mock:
+        mock.get("http://forge.test/api/v1/settings/api", json={"max_response_items": 50})
+        mock.add_callback(rsps.GET, "http://forge.test/api/v1/repos/o/r/issues", callback=page)
+        got = ForgeClient("http://forge.test", "t", retries=0, concurrency=1).list_issues("o/r")
+    assert {i.number for i in got} >= set(range(1, 101))  # nothing that was there is lost
