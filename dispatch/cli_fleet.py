@@ -78,7 +78,7 @@ def watchdog(
         err(f"not done, the policy does not allow {d.action} alone: {d.ref} ({d.reason})")
     actions = [] if dry_run else apply(client, decisions, cfg)
 
-    server = drift.server_models(cfg.llm.base_url) if wcfg.expected_models else None
+    server = drift.server_models(cfg.llm.base_url, api_key=cfg.llm_api_key()) if wcfg.expected_models else None
     drifted = drift.check(wcfg.expected_models, server, wcfg.agent_configs)
     if fix and not dry_run:
         verdict = policy_decide("fix_drift", cfg.policy)
@@ -86,7 +86,7 @@ def watchdog(
             err(f"--fix: the policy does not let the fleet fix drift alone ({verdict.reason}); "
                 "add fix_drift to policy.allow")
         drifted = drift.fix(drifted, wcfg.agent_configs, allowed=verdict.verdict == "allow")
-    readings = house.check_all(cfg.state_path, cfg.llm.base_url, hcfg)
+    readings = house.check_all(cfg.state_path, cfg.llm.base_url, hcfg, api_key=cfg.llm_api_key())
     warned = house.warnings(readings)
     cleaned = None if dry_run else house.cleanup(cfg.state_path, hcfg.keep_days)
     if not dry_run:

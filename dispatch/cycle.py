@@ -122,7 +122,7 @@ def run_cycle(
     if waiting:
         _post_checklist(client, cfg, waiting)
 
-    readings = house.check_all(state, cfg.llm.base_url, cfg.house)
+    readings = house.check_all(state, cfg.llm.base_url, cfg.house, api_key=cfg.llm_api_key())
     events += house.warnings(readings)
     if post_report and journal.begin(Action("comment", "report", "daily report", f"report:{now.date()}")):
         try:

@@ -31,9 +31,11 @@ class ServerModels:
 
 
 def server_models(base_url: str, *, session: requests.Session | None = None,
-                  timeout: float = 3.0) -> ServerModels:
+                  timeout: float = 3.0, api_key: str = "") -> ServerModels:
     """Ask Ollama's /api/ps first (when the endpoint is Ollama it says what is loaded), then /models."""
     http = session or requests.Session()
+    if api_key:
+        http.headers["Authorization"] = f"Bearer {api_key}"
     base = base_url.rstrip("/")
     root = base[: -len("/v1")] if base.endswith("/v1") else base
     try:

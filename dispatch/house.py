@@ -77,24 +77,27 @@ def load(cfg: HouseConfig, getloadavg: Callable[[], tuple[float, float, float]] 
                    per_core <= cfg.load_per_core_max)
 
 
-def model_server(base_url: str, cfg: HouseConfig, session: requests.Session | None = None) -> Reading:
+def model_server(base_url: str, cfg: HouseConfig, session: requests.Session | None = None,
+                 api_key: str = "") -> Reading:
     url = base_url.rstrip("/") + "/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # hosted endpoints need it
     try:
-        r = (session or requests.Session()).get(url, timeout=cfg.model_timeout)
+        r = (session or requests.Session()).get(url, headers=headers, timeout=cfg.model_timeout)
         ok, detail = r.ok, f"{r.status_code} from {url}"
     except requests.RequestException as e:
         ok, detail = False, f"{type(e).__name__}: cannot reach {url}"
     return Reading("model_server", 1.0 if ok else 0.0, 1.0, ok, detail)
 
 
-def check_all(state_dir: Path, model_url: str, cfg: HouseConfig, **probes: Callable) -> list[Reading]:
+def check_all(state_dir: Path, model_url: str, cfg: HouseConfig, *, api_key: str = "",
+              **probes: Callable) -> list[Reading]:
     """Every reading; `probes` may replace statvfs, meminfo, getloadavg or session (tests)."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = disk(state_dir, cfg, probes.get("statvfs", os.statvfs))
     out.append(memory(cfg, probes.get("meminfo", Path("/proc/meminfo"))))
     out.append(load(cfg, probes.get("getloadavg", os.getloadavg)))
     if model_url:
-        out.append(model_server(model_url, cfg, probes.get("session")))
+        out.append(model_server(model_url, cfg, probes.get("session"), api_key))
     return out
 
 

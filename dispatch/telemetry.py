@@ -271,11 +271,41 @@ def read_state(path: Path, *, stats: ReadStats | None = None) -> dict:
     if isinstance(data, dict):
         if stats is not None:
             stats.rows += 1
-        return data
+        return _sane_state(data, path)
     log.warning("state file %s is corrupt (%s); starting from an empty state", path, reason)
     if stats is not None:
         stats.corrupt += 1
     return {}
+
+
+# What each state section must look like; anything else (a hand edit, an older version) is
+# dropped with a warning rather than crashing every later collector run.
+_SECTION_ITEMS = {"agents": dict, "panes": dict, "pulls": str, "issues": str}
+
+
+def _sane_state(data: dict, path: Path) -> dict:
+    out: dict = {}
+    for key, value in data.items():
+        item = _SECTION_ITEMS.get(key)
+        if item is not None:
+            if isinstance(value, dict):
+                out[key] = {k: v for k, v in value.items() if isinstance(v, item)}
+        elif key == "sprints":
+            if isinstance(value, dict):
+                out[key] = {k: v for k, v in value.items() if isinstance(v, list)}
+        elif key in ("cron", "model_server"):
+            if isinstance(value, dict):
+                out[key] = value
+        else:
+            out[key] = value
+        if key in out and out[key] != value:
+            log.warning("state file %s: dropped malformed parts of %r", path, key)
+        elif key not in out:
+            log.warning("state file %s: dropped malformed section %r", path, key)
+    cron = out.get("cron")
+    if cron is not None and not isinstance(cron.get("missing", []), list):
+        out.pop("cron")
+    return out
 
 
 # ---- state diffs -----------------------------------------------------------------------------

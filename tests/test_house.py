@@ -167,3 +167,18 @@ def test_cleanup_waits_while_a_live_run_is_still_cloning(tmp_path, remote):
         result = house.cleanup(state, keep_days=3)
     assert result.removed == [] and result.kept_live == [setting_up]
     assert old_clean.exists() and setting_up.exists()
+
+
+def test_the_model_server_check_sends_the_api_key():
+    import responses as rsps
+
+    from dispatch.house import HouseConfig, model_server
+
+    def models(request):
+        ok = request.headers.get("Authorization") == "Bearer sk-test"
+        return (200, {}, '{"data": []}') if ok else (401, {}, '{"error": "no key"}')
+
+    with rsps.RequestsMock() as mock:
+        mock.add_callback(rsps.GET, "http://llm.test/v1/models", callback=models)
+        assert not model_server("http://llm.test/v1", HouseConfig()).ok
+        assert model_server("http://llm.test/v1", HouseConfig(), api_key="sk-test").ok
