@@ -61,9 +61,9 @@ def collect(
 
 
 def _previous(cfg) -> dict:
-    from .telemetry import read_state
+    from .telemetry import read_collector_state
 
-    return read_state(cfg.state_path / "telemetry" / "last_state.json")
+    return read_collector_state(cfg.state_path / "telemetry" / "last_state.json")
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -314,6 +314,10 @@ def agent_states(cfg: Config, panes: list[dict] | None, locks: list[LockInfo], p
             state = "working"
         elif alive or looping:  # a loop between sprints is alive even without a pane
             state = "idle"
+        elif panes is None and prev.get("state") in tm.AGENT_STATES:
+            # tmux could not be asked: what we knew stands, rather than a made-up change
+            state = prev["state"] if prev["state"] != "stuck" else "idle"
+            entry.update({k: prev[k] for k in ("pane",) if prev.get(k)})
         elif mine or (panes is not None and prev.get("pane")):
             state = "dead"
         else:
@@ -333,7 +337,7 @@ def run_collector(cfg: Config, *, client: ForgeClient | None, runner: Runner = s
                   now: Callable[[], datetime] = tm.utc_now, env: Mapping[str, str] = os.environ,
                   proc: Path = Path("/proc")) -> list[dict]:
     """Collect one snapshot and `record` it; returns the events emitted."""
-    previous = tm.read_state(cfg.state_path / "telemetry" / "last_state.json")
+    previous = tm.read_collector_state(cfg.state_path / "telemetry" / "last_state.json")
     snap = collect(cfg, client=client, runner=runner, now=now, env=env, previous=previous, proc=proc)
     return record(cfg, snap)
 
@@ -348,7 +352,7 @@ def record(cfg: Config, snap: Snapshot) -> list[dict]:
     # Diff and save under one lock, re-reading the state inside it: two collectors that overlap
     # then report each change once instead of both diffing against the same old state.
     with tm.locked(state_file):
-        old = tm.read_state(state_file)
+        old = tm.read_collector_state(state_file)
         if str(old.get("ts", "")) > snap.row["ts"]:
             return []  # a later snapshot was recorded first; diffing this one would go backwards
         events = [{"schema": tm.SCHEMA_VERSION, "ts": snap.row["ts"], **ev}

@@ -291,6 +291,21 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: sprint.backends: unknown backend {b!r}; expected gateway, cli or direct")
     if cfg.sprint.agent and cfg.sprint.agent not in names:
         raise ConfigError(f"{src}: sprint.agent: {cfg.sprint.agent!r} is not one of agents[].name")
+    # numbers whose wrong sign or zero would crash or spin a cron run later, not here
+    minimums = {
+        "gitea.timeout": (cfg.gitea.timeout, 0.0, False), "gitea.concurrency": (cfg.gitea.concurrency, 1, True),
+        "gitea.retries": (cfg.gitea.retries, 0, True), "gitea.backoff": (cfg.gitea.backoff, 0.0, True),
+        "sprint.max_steps": (cfg.sprint.max_steps, 1, True), "sprint.max_minutes": (cfg.sprint.max_minutes, 0.0, False),
+        "telemetry.keep": (cfg.telemetry.keep, 1, True), "telemetry.max_bytes": (cfg.telemetry.max_bytes, 0, False),
+        "loop.cooldown_s": (cfg.loop.cooldown_s, 0.0, True), "loop.idle_sleep_s": (cfg.loop.idle_sleep_s, 0.0, False),
+        "loop.max_failures": (cfg.loop.max_failures, 1, True), "loop.skip_hours": (cfg.loop.skip_hours, 0.0, True),
+        "health.window_hours": (cfg.health.window_hours, 0.0, False),
+        "watchdog.stuck_minutes": (cfg.watchdog.stuck_minutes, 0.0, False),
+    }
+    for key, (value, low, inclusive) in minimums.items():
+        if value < low or (value == low and not inclusive):
+            bound = f"at least {low}" if inclusive else f"more than {low}"
+            raise ConfigError(f"{src}: {key}: expected {bound}, got {value}")
     check_policy(cfg.policy, src)
     check_quotas(cfg.quotas, names, src)
     if cfg.sprint.sandbox not in ("auto", "bwrap", "off"):

@@ -271,7 +271,7 @@ def read_state(path: Path, *, stats: ReadStats | None = None) -> dict:
     if isinstance(data, dict):
         if stats is not None:
             stats.rows += 1
-        return _sane_state(data, path)
+        return data
     log.warning("state file %s is corrupt (%s); starting from an empty state", path, reason)
     if stats is not None:
         stats.corrupt += 1
@@ -281,6 +281,11 @@ def read_state(path: Path, *, stats: ReadStats | None = None) -> dict:
 # What each state section must look like; anything else (a hand edit, an older version) is
 # dropped with a warning rather than crashing every later collector run.
 _SECTION_ITEMS = {"agents": dict, "panes": dict, "pulls": str, "issues": str}
+
+
+def read_collector_state(path: Path) -> dict:
+    """The collector's last_state.json, with any malformed section dropped (see _SECTION_ITEMS)."""
+    return _sane_state(read_state(path), path)
 
 
 def _sane_state(data: dict, path: Path) -> dict:

@@ -274,3 +274,17 @@ def test_a_loop_lock_is_liveness_not_a_sprint(tmp_path: Path) -> None:
         snap = collect(cfg, client=None, runner=no_programs)
     assert snap.row["sprints"]["running"] == ["r-3"]
     assert snap.row["agents"]["claude"]["run_id"] == "r-3"
+
+
+def test_a_failed_tmux_probe_keeps_what_was_known():
+    from datetime import UTC, datetime
+
+    from dispatch.collector import agent_states
+    from dispatch.config import config_from_dict
+
+    cfg = config_from_dict({"gitea": {"url": "http://x"}, "agents": [{"name": "kimi"}, {"name": "claude"}]}, env={})
+    at = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    prev = {"kimi": {"state": "working", "since": "2026-11-25T08:00:00.000Z", "pane": "%3"},
+            "claude": {"state": "dead", "since": "2026-11-25T07:00:00.000Z", "pane": "%4"}}
+    now = agent_states(cfg, None, [], prev, at)
+    assert now["kimi"] == prev["kimi"] and now["claude"] == prev["claude"]  # no made-up events

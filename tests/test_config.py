@@ -70,6 +70,8 @@ def test_env_overrides_apply_after_the_file(tmp_path):
         ("gitea: {url: http://x}\nrepos: [justaname]", "repos: expected owner/name"),
         ("gitea: {url: http://x}\nrepos: acme/api", "repos: expected a list"),
         ("- just\n- a list", "expected a mapping of keys at the top"),
+        ("gitea: {url: http://x}\ntelemetry: {keep: 0}", "telemetry.keep: expected at least 1, got 0"),
+        ("gitea: {url: http://x}\nloop: {idle_sleep_s: -5}", "loop.idle_sleep_s: expected more than 0.0"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, needle):

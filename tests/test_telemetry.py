@@ -355,13 +355,13 @@ def test_snapshot_row_matches_metrics_schema(tmp_path: Path) -> None:
 def test_a_wrong_shaped_state_is_trimmed_not_fatal(tmp_path):
     import json
 
-    from dispatch.telemetry import diff_states, read_state
+    from dispatch.telemetry import diff_states, read_collector_state
 
     path = tmp_path / "last_state.json"
     path.write_text(json.dumps({"agents": {"claude": "working", "kimi": {"state": "idle"}},
                                 "sprints": {"running": 5, "failed": ["r1"]}, "cron": {"missing": 3},
                                 "ts": "2026-11-25T09:00:00Z"}))
-    state = read_state(path)
+    state = read_collector_state(path)
     assert state == {"agents": {"kimi": {"state": "idle"}}, "sprints": {"failed": ["r1"]},
                      "ts": "2026-11-25T09:00:00Z"}
     diff_states(state, {"agents": {"kimi": {"state": "working"}}, "sprints": {"running": [], "failed": []}})
