@@ -353,8 +353,11 @@ def record(cfg: Config, snap: Snapshot) -> list[dict]:
     # then report each change once instead of both diffing against the same old state.
     with tm.locked(state_file):
         old = tm.read_collector_state(state_file)
-        if str(old.get("ts", "")) > snap.row["ts"]:
-            return []  # a later snapshot was recorded first; diffing this one would go backwards
+        last, this = tm.parse_ts(old.get("ts")), tm.parse_ts(snap.row["ts"])
+        if last and this and this < last < this + timedelta(minutes=10):
+            # an overlapping collector recorded a later snapshot first: diffing this one would
+            # go backwards (a bigger gap means the clock was stepped back: carry on)
+            return []
         events = [{"schema": tm.SCHEMA_VERSION, "ts": snap.row["ts"], **ev}
                   for ev in tm.diff_states(old, snap.state)]
         for ev in events:

@@ -95,7 +95,9 @@ def evaluate(
         elif kind == "house_warning" and house_since <= ts <= now:
             house[str(ev.get("subject", "?"))] = f"{ev.get('value')} (limit {ev.get('threshold')})"
     snap = metrics_last or {}
-    eligible = (snap.get("backlog") or {}).get("eligible")
+    backlog = snap.get("backlog")
+    eligible = backlog.get("eligible") if isinstance(backlog, dict) else None
+    eligible = eligible if isinstance(eligible, int) else None
     no_work = eligible == 0  # unknown (no snapshot) is not "no work"
     checks = (
         _last_success(last_success, attempted, no_work, now, t),
@@ -134,8 +136,9 @@ def _prs(count: int, no_work: bool, t: HealthThresholds) -> Check:
 
 def _idle(snap: dict, eligible: int | None, changed: dict[str, datetime], now: datetime,
           t: HealthThresholds) -> Check:
-    name, agents = "idle_loops", snap.get("agents") or {}
-    states = {n: (a or {}).get("state") for n, a in agents.items()}
+    name, agents = "idle_loops", snap.get("agents")
+    agents = {n: a for n, a in agents.items() if isinstance(a, dict)} if isinstance(agents, dict) else {}
+    states = {n: a.get("state") for n, a in agents.items()}
     working = sum(s == "working" for s in states.values())
     if not agents:
         return Check(name, "ok", "no agents reported")

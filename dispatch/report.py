@@ -211,7 +211,7 @@ class _Tally:
         if row.get("kind") != "snapshot" or not self._in(ts):
             return
         self.snapshots += 1
-        states = {n: (a or {}).get("state") for n, a in (row.get("agents") or {}).items()}
+        states = {n: a.get("state") for n, a in _dict(row.get("agents")).items() if isinstance(a, dict)}
         if self.prev is not None:
             # The interval is credited to the states seen at its start, capped at MAX_GAP.
             gap = min((ts - self.prev[0]).total_seconds(), MAX_GAP.total_seconds())
@@ -228,7 +228,7 @@ class _Tally:
             self.queue = row["queue"]
         backlog = row.get("backlog")
         if isinstance(backlog, dict):
-            point = (ts, int(backlog.get("open") or 0), int(backlog.get("eligible") or 0))
+            point = (ts, _int(backlog.get("open")), _int(backlog.get("eligible")))
             self.first_backlog = self.first_backlog or point
             self.backlog[int((ts - self.since).total_seconds() // self.bucket_s)] = point
 
@@ -275,6 +275,18 @@ class _Tally:
         span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
         keys = span if len(span) <= 366 else sorted(self.days)  # zero-filled for the chart
         return tuple(DayCount(d, *self.days.get(d, (0, 0))) for d in keys)
+
+
+def _dict(value: object) -> dict:
+    """A mapping from a row, or {} when a hand-edited or older row has something else there."""
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: object) -> int:
+    try:
+        return int(value or 0)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
 
 
 def summarize(

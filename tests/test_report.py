@@ -245,3 +245,18 @@ def test_memory_stays_bounded_in_the_number_of_rows() -> None:
 
     small, large = peak(2_000), peak(20_000)
     assert large < small * 1.5 + 50_000, (small, large)  # ten times the rows, about the same memory
+
+
+def test_wrong_typed_metrics_rows_do_not_crash_the_report_or_health():
+    from datetime import UTC, datetime, timedelta
+
+    from dispatch.health import evaluate
+    from dispatch.report import summarize
+
+    now = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    bad = {"kind": "snapshot", "ts": (now - timedelta(minutes=5)).isoformat(),
+           "agents": {"claude": "x"}, "backlog": {"open": "many", "eligible": None}}
+    rep = summarize([], [bad, {**bad, "agents": "x", "backlog": "x"}], [], since=now - timedelta(hours=1), until=now)
+    assert rep.snapshots == 2 and rep.backlog[0].open == 0
+    assert evaluate([], bad, [], now=now).status in (0, 1, 2)
+    assert evaluate([], {**bad, "agents": "x", "backlog": "x"}, [], now=now).status in (0, 1, 2)
