@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.emulator.fixtures", "tests.emulator.model_fixtures", "tests.redis_fixtures"]
+pytest_plugins = ["tests.emulator.fixtures", "tests.emulator.model_fixtures", "tests.redis_fixtures", "tests.realtools"]
 
 CANARY = "canary-7f3c1e9a-TOKEN-d41d8cd9"  # a unique token; tests prove it never leaks
 

@@ -5,7 +5,6 @@ pytest_plugins). Without the binary the tests using it skip, except in CI (CI=tr
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -92,13 +91,9 @@ class RedisServer:
 @pytest.fixture
 def redis_binary() -> str:
     """Path of redis-server; skips the test when missing, fails it in CI (CI=true)."""
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    message = "redis-server is not installed (scripts/setup.sh --system installs it)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message}; CI must run the Redis tests", pytrace=False)
-    pytest.skip(message)
+    from tests.realtools import require
+
+    return require("redis-server")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from dispatch.config import load_config
 from dispatch.results import ResultRow, append_result, read_results
 from dispatch.telemetry import ReadStats, append, format_ts, read, read_state
 from tests.emulator.fixtures import write_config
-from tests.test_collector import Tmux, require
+from tests.realtools import Tmux
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,12 +281,3 @@ def test_two_collectors_and_a_results_writer_at_once_never_interleave_lines(tmp_
     assert failed and len(failed) == len(set(failed))
 
 
-@pytest.fixture
-def tmux():
-    """A private tmux server (see tests.test_collector.Tmux), killed at teardown."""
-    require("tmux")
-    server = Tmux()
-    try:
-        yield server
-    finally:
-        server.kill()

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,52 +20,11 @@ from dispatch.locks import Lock, LockInfo
 from dispatch.results import ResultRow, append_result
 from dispatch.telemetry import ReadStats, read, read_state
 from tests.emulator.fixtures import write_config
+from tests.realtools import Tmux
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = [{"name": "claude", "account": "claude-bot"}, {"name": "kimi", "account": "kimi-bot"}]
 CRON_LINE = "*/5 * * * * /opt/dispatch/bin/telemetry-collector"
-
-
-def require(tool: str) -> None:
-    """Skip locally when a real program the test drives is missing; in CI that is a failure."""
-    if shutil.which(tool):
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{tool} is required in CI (scripts/setup.sh --system installs it)")
-    pytest.skip(f"{tool} is not installed; `scripts/setup.sh --system` installs it")
-
-
-class Tmux:
-    """A tmux server of our own on a private socket (-L), so the user's sessions are never seen."""
-
-    def __init__(self) -> None:
-        self.socket = f"dispatch-test-{uuid.uuid4().hex[:10]}"
-
-    def __call__(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args],
-                              check=True, capture_output=True, text=True, timeout=10).stdout
-
-    def pane(self, window: str) -> tuple[str, int]:
-        """(pane id, pid) of the first pane of the named window."""
-        for line in self("list-panes", "-a", "-F", "#{window_name} #{pane_id} #{pane_pid}").splitlines():
-            name, pane_id, pid = line.split()
-            if name == window:
-                return pane_id, int(pid)
-        raise KeyError(window)
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
-
-
-@pytest.fixture
-def tmux() -> Iterator[Tmux]:
-    """A private tmux server, killed at teardown (it starts with the first new-session)."""
-    require("tmux")
-    server = Tmux()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from dispatch.forge import ForgeClient
 from dispatch.loop import LoopConfig, SkipList, WorkerLoop
 from tests.emulator.fixtures import write_config
 from tests.emulator.model_server import call, say
+from tests.realtools import require
 
 REPO = "acme/app"
 FAST = LoopConfig(cooldown_s=0, idle_sleep_s=0, max_failures=2, skip_hours=6)
@@ -174,10 +174,7 @@ def test_bin_agent_loop_passes_the_agent_name(tmp_path):
 @pytest.fixture
 def tmux_socket():
     """A private tmux server (-L), killed at teardown."""
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tmux is required in CI")
-        pytest.skip("tmux is not installed")
+    require("tmux")
     name = f"dispatch-test-{uuid.uuid4().hex[:8]}"
     yield name
     subprocess.run(["tmux", "-L", name, "kill-server"], capture_output=True)

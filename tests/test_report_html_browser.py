@@ -4,15 +4,14 @@ deliberate script error is the negative control, proving console errors would be
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 
 import pytest
 
 from dispatch.report_html import render_html
+from tests.realtools import require
 from tests.test_report import fixture_report
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -25,12 +24,7 @@ CHARTS = ("chart-throughput", "chart-success", "chart-backlog")
 
 
 def chromium() -> str:
-    path = shutil.which("chromium")
-    if path:
-        return path
-    if os.environ.get("CI") == "true":
-        pytest.fail("chromium is required in CI (scripts/setup.sh --system installs Debian's chromium)")
-    pytest.skip("chromium is not installed; `scripts/setup.sh --system` installs Debian's chromium")
+    return require("chromium")
 
 
 @pytest.fixture(scope="module")

@@ -288,12 +288,9 @@ def test_prune_keeps_unpushed_work(repo, model_server, tmp_path):
 
 
 def test_the_model_shell_cannot_read_secrets_in_the_sandbox(repo, model_server, tmp_path, canary, monkeypatch):
-    import shutil
+    from tests.realtools import require
 
-    if not shutil.which("bwrap"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("bwrap (bubblewrap) is missing in CI: scripts/setup.sh --system installs it")
-        pytest.skip("bwrap is not installed (apt-get install bubblewrap)")
+    require("bwrap", "bubblewrap")
     monkeypatch.setenv("GITEA_TOKEN", canary)  # in dispatch's own environment, as with token_env
     repo.add_issue(REPO, "Try to steal")
     token_file = tmp_path / "gitea-token"
